@@ -1,0 +1,1 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) in JAX and Flax."""

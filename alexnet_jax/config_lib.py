@@ -1,0 +1,127 @@
+"""The shared config schema: every key a run can set, with the paper's values.
+
+Config files in `configs/` start from `base_config()` and override a few
+fields. Configs are locked, so `--config.optimiser.lr=...` (a key that does
+not exist) is an error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
+KNOWN_DTYPES = ('float32', 'bfloat16')
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """The paper's recipe (ILSVRC-2012, two towers, 227x227)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+
+  c.dataset = ml_collections.ConfigDict()
+  c.dataset.name = 'imagenet2012'
+  c.dataset.data_dir = ''     # tfds data_dir; '' = tfds default (~/tensorflow_datasets)
+  c.dataset.manual_dir = ''   # where the raw archives/files are; '' = dataset default
+  c.dataset.image_size = 227  # 55x55 after conv1 needs 227, not the "224" of the text
+  c.dataset.num_classes = 1000
+  c.dataset.train_split = 'train'
+  c.dataset.eval_split = 'validation'
+  c.dataset.shuffle_buffer = 16_384
+  c.dataset.crop_padding = 0  # small-image configs: pad then random-crop back
+  c.dataset.random_flip = True
+  c.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+  c.dataset.std = (1.0, 1.0, 1.0)  # the paper only subtracts the mean
+  c.dataset.num_parallel_calls = -1  # tf.data.AUTOTUNE
+
+  c.model = ml_collections.ConfigDict()
+  c.model.towers = 2
+  c.model.features = (96, 256, 384, 384, 256)
+  c.model.kernel_sizes = (11, 5, 3, 3, 3)
+  c.model.conv1_stride = 4
+  c.model.conv1_padding = 0
+  c.model.pool_window = 3
+  c.model.pool_stride = 2
+  c.model.pool_padding = 'VALID'
+  c.model.fc_features = (4096, 4096)
+  c.model.dropout_rate = 0.5
+  c.model.init = 'paper'     # N(0, init_std) weights; 'he' for small nets
+  c.model.init_std = 0.01
+  c.model.lrn = ml_collections.ConfigDict()
+  c.model.lrn.enabled = True
+  c.model.lrn.size = 5
+  c.model.lrn.k = 2.0
+  c.model.lrn.alpha = 1e-4
+  c.model.lrn.beta = 0.75
+  # False: alpha as printed in the paper. True: alpha / size (Caffe, PyTorch).
+  c.model.lrn.alpha_over_size = False
+  c.dtype = 'float32'  # compute dtype; params and optimiser state stay float32
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.name = 'paper_momentum'
+  c.optimizer.momentum = 0.9
+  c.optimizer.weight_decay = 5e-4
+  c.optimizer.nesterov = False
+  c.optimizer.decay_biases = False
+
+  c.schedule = ml_collections.ConfigDict()
+  c.schedule.name = 'plateau'   # 'plateau' | 'constant' | 'steps' | 'one_cycle'
+  c.schedule.base_lr = 0.01
+  c.schedule.factor = 0.1       # plateau and steps: multiply lr by this
+  c.schedule.max_reductions = 3  # plateau: the paper reduced lr three times
+  c.schedule.patience = 1        # plateau: evals without improvement before a cut
+  c.schedule.min_delta = 1e-3    # plateau: improvement in top-1 error that counts
+  c.schedule.boundaries_epochs = (30, 60, 80)
+  c.schedule.warmup_fraction = 0.15
+  c.schedule.div_factor = 10.0
+  c.schedule.final_div_factor = 100.0
+
+  c.global_batch_size = 128
+  c.eval_batch_size = 256
+  c.num_epochs = 90
+  c.num_devices = 0            # 0 = all local devices
+  c.log_every_steps = 100
+  c.eval_every_epochs = 1
+  c.checkpoint_every_steps = 2000
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  c.max_train_steps = 0        # > 0 stops early (tests, smoke runs)
+  c.max_eval_batches = 0       # > 0 evaluates a prefix only (tests); results say so
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ValueError with a fix-it message for any inconsistent setting."""
+  def fail(msg):
+    raise ValueError(f'Bad config: {msg}')
+
+  if config.dataset.name not in KNOWN_DATASETS:
+    fail(f'dataset.name={config.dataset.name!r}; known: {KNOWN_DATASETS}')
+  if config.dtype not in KNOWN_DTYPES:
+    fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
+  m = config.model
+  if m.towers not in (1, 2):
+    fail(f'model.towers={m.towers}; use 1 (single tower) or 2 (the paper)')
+  if len(m.features) != 5 or len(m.kernel_sizes) != 5:
+    fail('model.features and model.kernel_sizes need 5 entries (conv1..conv5)')
+  for i, f in enumerate(m.features):
+    if f % m.towers:
+      fail(f'model.features[{i}]={f} is not divisible by model.towers={m.towers}')
+  for i, f in enumerate(m.fc_features):
+    if f % m.towers:
+      fail(f'model.fc_features[{i}]={f} is not divisible by model.towers={m.towers}')
+  if not 0.0 <= m.dropout_rate < 1.0:
+    fail(f'model.dropout_rate={m.dropout_rate} must be in [0, 1)')
+  if m.pool_padding not in ('VALID', 'SAME'):
+    fail(f"model.pool_padding={m.pool_padding!r}; use 'VALID' or 'SAME'")
+  if m.init not in ('paper', 'he'):
+    fail(f"model.init={m.init!r}; use 'paper' or 'he'")
+  for key in ('global_batch_size', 'eval_batch_size'):
+    b = config[key]
+    if b <= 0 or b % num_devices:
+      fail(f'{key}={b} is not divisible by the {num_devices} devices in use; '
+           f'pick a multiple of {num_devices} (e.g. --config.{key}='
+           f'{max(num_devices, b - b % num_devices)}) or set --config.num_devices')
+  if config.num_epochs <= 0:
+    fail(f'num_epochs={config.num_epochs} must be positive')
+  if config.schedule.base_lr <= 0:
+    fail(f'schedule.base_lr={config.schedule.base_lr} must be positive')

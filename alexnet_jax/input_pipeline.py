@@ -1,0 +1,161 @@
+"""tf.data input pipelines.
+
+Training batches are a deterministic function of (seed, step): the example
+order of epoch e is a stateless shuffle seeded by (seed, e) and every
+augmentation is seeded by (seed, position in the stream). Resuming at step s
+therefore replays exactly the batches an uninterrupted run would have seen.
+
+Evaluation walks the whole split once, pads the last batch and marks padded
+examples with mask 0, so every example is counted exactly once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator
+
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from alexnet_jax import fashion_mnist
+
+Batch = dict[str, np.ndarray]
+
+
+class DataNotFoundError(FileNotFoundError):
+  """The dataset is not on this machine; the message says how to get it."""
+
+
+def _fashion_mnist_builder(config):
+  """Local verified IDX files if present, else tfds's downloading builder."""
+  manual_dir = config.dataset.manual_dir or fashion_mnist.DEBIAN_DIR
+  data_dir = config.dataset.data_dir or None
+  if fashion_mnist.find_file(manual_dir, 'train-images-idx3-ubyte'):
+    builder = fashion_mnist.FashionMnistLocal(data_dir=data_dir)
+    dl_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+  else:
+    builder = tfds.builder('fashion_mnist', data_dir=data_dir)
+    dl_config = None
+  try:
+    builder.download_and_prepare(download_config=dl_config)
+  except Exception as e:  # network errors have many types across tfds versions
+    if isinstance(e, ValueError) and 'does not hold Fashion-MNIST' in str(e):
+      raise
+    raise DataNotFoundError(
+        f'Could not prepare Fashion-MNIST ({type(e).__name__}: {e}).\n'
+        f'{fashion_mnist.INSTRUCTIONS}') from e
+  return builder
+
+
+def load_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Whole split as (uint8 images NHWC, int32 labels) for small datasets."""
+  if config.dataset.name != 'fashion_mnist':
+    raise ValueError(f'load_arrays only serves small datasets, not {config.dataset.name}')
+  builder = _fashion_mnist_builder(config)
+  data = tfds.as_numpy(builder.as_dataset(split=split, batch_size=-1,
+                                          as_supervised=True))
+  images, labels = data
+  return images, labels.astype(np.int32)
+
+
+def process_slice(n: int) -> slice:
+  """The contiguous share of `n` examples read by this JAX process."""
+  per = n // jax.process_count()
+  start = jax.process_index() * per
+  return slice(start, start + per)
+
+
+def _normalize(image, mean, std):
+  return (tf.cast(image, tf.float32) - mean) / std
+
+
+def crop_and_flip_batch(images_BHWC, seed, *, crop_padding: int, flip: bool):
+  """Random crops of the zero-padded images and horizontal flips, per example.
+
+  Vectorised over the batch (two batched gathers), so the cost per example is
+  a few memory copies rather than a few tf.data ops. `seed` is a stateless
+  seed (shape [2]); the same seed gives the same crops and flips.
+  """
+  shape = tf.shape(images_BHWC)
+  b, h, w = shape[0], shape[1], shape[2]
+  p = crop_padding
+  crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  if p:
+    images_BHWC = tf.pad(images_BHWC, [[0, 0], [p, p], [p, p], [0, 0]])
+  offsets = tf.random.stateless_uniform([2, b], crop_seed, 0, 2 * p + 1, tf.int32)
+  rows = offsets[0][:, None] + tf.range(h)[None, :]
+  cols = offsets[1][:, None] + tf.range(w)[None, :]
+  if flip:
+    flipped = tf.random.stateless_uniform([b], flip_seed, 0, 2, tf.int32) > 0
+    cols = tf.where(flipped[:, None], tf.reverse(cols, [1]), cols)
+  out = tf.gather(images_BHWC, rows, axis=1, batch_dims=1)
+  return tf.gather(out, cols, axis=2, batch_dims=1)
+
+
+def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
+                  local_batch: int, start_step: int = 0) -> tf.data.Dataset:
+  """Infinite dataset of augmented training batches from in-memory arrays.
+
+  Batch s is a pure function of (config.seed, s): epoch e's order is a
+  stateless shuffle seeded by (seed, e) and batch s's augmentation is seeded
+  by (seed, s), so resuming at `start_step` replays the same stream.
+  """
+  n = len(images)
+  steps_per_epoch = n // local_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'{n} training examples cannot fill one batch of {local_batch}')
+  seed = tf.constant(config.seed, tf.int64)
+  ds_cfg = config.dataset
+  mean = tf.constant(ds_cfg.mean, tf.float32)
+  std = tf.constant(ds_cfg.std, tf.float32)
+  images_t = tf.constant(images)
+  labels_t = tf.constant(labels)
+
+  def batch_at(step):
+    epoch, i = step // steps_per_epoch, step % steps_per_epoch
+    order = tf.random.experimental.stateless_shuffle(
+        tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
+    index = order[i * local_batch:(i + 1) * local_batch]
+    image = crop_and_flip_batch(
+        tf.gather(images_t, index), tf.stack([seed, -1 - step]),
+        crop_padding=ds_cfg.crop_padding, flip=ds_cfg.random_flip)
+    return {'image': _normalize(image, mean, std), 'label': tf.gather(labels_t, index)}
+
+  ds = tf.data.Dataset.range(start_step, 2**62)
+  ds = ds.map(batch_at, num_parallel_calls=2, deterministic=True)
+  return ds.prefetch(4)
+
+
+def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
+                 local_batch: int) -> Iterator[Batch]:
+  """Every example once, the last batch padded; `mask` is 1 for real examples."""
+  ds_cfg = config.dataset
+  mean = np.asarray(ds_cfg.mean, np.float32)
+  std = np.asarray(ds_cfg.std, np.float32)
+  ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(local_batch)
+  ds = ds.map(lambda x, y: (_normalize(x, mean, std), y)).prefetch(2)
+  for x, y in ds.as_numpy_iterator():
+    yield pad_batch({'image': x, 'label': y, 'mask': np.ones(len(y), np.float32)},
+                    local_batch)
+
+
+def pad_batch(batch: Batch, size: int) -> Batch:
+  """Pads every array of `batch` with zeros along axis 0 up to `size`."""
+  n = len(batch['label'])
+  if n == size:
+    return batch
+  return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
+          for k, v in batch.items()}
+
+
+def shard(batch: Batch, num_devices: int) -> Batch:
+  """(B, ...) -> (num_devices, B / num_devices, ...) for `jax.pmap`."""
+  return {k: v.reshape((num_devices, -1) + v.shape[1:]) for k, v in batch.items()}
+
+
+def configure_tensorflow() -> None:
+  """Keeps TensorFlow off the accelerators: JAX owns them."""
+  tf.config.set_visible_devices([], 'GPU')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')

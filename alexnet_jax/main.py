@@ -1,0 +1,52 @@
+"""Command line: python -m alexnet_jax.main --config=configs/<name>.py --workdir=DIR
+
+Any config key can be overridden with --config.<key>=<value>; the config is
+locked, so a mistyped key is an error. Without --config the Fashion-MNIST demo
+runs. Re-running the same command resumes from the newest checkpoint.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(_REPO, 'configs', 'fashion_mnist.py')
+
+config_flags.DEFINE_config_file(
+    'config', DEFAULT_CONFIG, 'Config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None,
+                    'Run folder: checkpoints, metrics, results. Default runs/<config name>.')
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  # Imported here so that --help stays fast and TF sees its settings first.
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  input_pipeline.configure_tensorflow()
+  if not flags.FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO
+  config = flags.FLAGS.config
+  workdir = flags.FLAGS.workdir or os.path.join(
+      'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
+          flags.FLAGS['config'])))[0])
+  logging.info('workdir: %s', os.path.abspath(workdir))
+  try:
+    results = train.train_and_evaluate(config, workdir)
+  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+    # Known failure modes carry a message that says what to do.
+    print(f'\nError: {e}', file=sys.stderr)
+    sys.exit(1)
+  summary = {k: results[k] for k in ('step', 'eval_top1_error', 'eval_top5_error',
+                                     'eval_examples', 'wall_time_sec')
+             if k in results}
+  print(f'\nResults in {os.path.abspath(workdir)}: {summary}')
+
+
+if __name__ == '__main__':
+  app.run(main)

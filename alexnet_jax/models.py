@@ -1,0 +1,243 @@
+"""AlexNet (Krizhevsky, Sutskever & Hinton, 2012) as a pure Flax Linen module.
+
+The network is written as the paper's two "towers" (one per GPU in the
+original): every layer's kernels are split in `towers` equal halves. Grouped
+layers (conv2, conv4, conv5) see only their own tower's maps; conv3 and the
+fully connected layers see the maps of all towers.
+
+Parameters are stored in the ordinary grouped-convolution layout (the layout of
+Caffe and PyTorch): a conv kernel is `(kh, kw, in_channels / groups, out)` and
+tower `t` owns output channels `[t * out / towers, (t + 1) * out / towers)`.
+The layout therefore does not depend on how the towers are computed or placed
+on devices, and a checkpoint is portable between layouts.
+
+On XLA CPU a convolution with `feature_group_count=2` is several times slower
+than two ordinary convolutions on the channel halves, so groups are computed as
+split -> one convolution per tower -> concatenate.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+
+def _window_sum(x_BHWC: jax.Array, size: int, towers: int,
+                reverse: bool = False) -> jax.Array:
+  """Sum over channel windows `[c - size // 2, c + (size - 1) // 2]`.
+
+  Windows are clipped to their own tower: in the two-GPU network each GPU
+  normalises only the maps it holds. `reverse=True` mirrors the window, which
+  is the transpose of the operation (used by the backward pass).
+  """
+  b, h, w, c = x_BHWC.shape
+  lo, hi = size // 2, (size - 1) // 2
+  if reverse:
+    lo, hi = hi, lo
+  x = x_BHWC.reshape(b, h, w, towers, c // towers)
+  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, 1, 1, size),
+                            (1, 1, 1, 1, 1), [(0, 0)] * 4 + [(lo, hi)])
+  return s.reshape(b, h, w, c)
+
+
+def _inverse_power(d: jax.Array, beta: float) -> jax.Array:
+  if beta == 0.75:
+    # Two vectorised square roots and a division: on XLA CPU 3x faster than
+    # rsqrt-based forms and 5x faster than `d ** -0.75`.
+    root = jnp.sqrt(d)
+    return 1.0 / (root * jnp.sqrt(root))
+  return d ** (-beta)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _lrn(x, size, k, scale, beta, towers):
+  return _lrn_fwd(x, size, k, scale, beta, towers)[0]
+
+
+def _lrn_fwd(x, size, k, scale, beta, towers):
+  denom = k + scale * _window_sum(jnp.square(x), size, towers)
+  inv = _inverse_power(denom, beta)
+  return x * inv, (x, denom, inv)
+
+
+def _lrn_bwd(size, k, scale, beta, towers, res, g):
+  # y_c = x_c d_c^-beta, d_c = k + scale * sum_{j in W(c)} x_j^2, so
+  # dL/dx_i = g_i d_i^-beta - 2 beta scale x_i sum_{c: i in W(c)} g_c x_c d_c^(-beta-1)
+  del k
+  x, denom, inv = res
+  t = g * x * inv / denom
+  dx = g * inv - (2.0 * beta * scale) * x * _window_sum(t, size, towers, reverse=True)
+  return (dx,)
+
+
+_lrn.defvjp(_lrn_fwd, _lrn_bwd)
+
+
+def local_response_norm(x_BHWC: jax.Array, *, size: int = 5, k: float = 2.0,
+                        alpha: float = 1e-4, beta: float = 0.75,
+                        alpha_over_size: bool = False,
+                        towers: int = 1) -> jax.Array:
+  """Local response normalisation across channels (section 3.3 of the paper).
+
+  b_c = a_c / (k + alpha' * sum_{j in window(c)} a_j^2) ** beta
+
+  `alpha' = alpha` as printed in the paper; `alpha' = alpha / size` with
+  `alpha_over_size=True`, the convention of Caffe and PyTorch. The window of
+  channel c is `[c - size // 2, c + (size - 1) // 2]` (the paper's for odd
+  sizes, and `torch.nn.LocalResponseNorm`'s), within c's tower.
+
+  Computed in float32 whatever the input dtype, with a hand-written backward
+  pass that reuses the forward's denominator (one windowed sum each way).
+  """
+  scale = alpha / size if alpha_over_size else alpha
+  x32 = x_BHWC.astype(jnp.float32)
+  return _lrn(x32, size, float(k), float(scale), float(beta), towers).astype(x_BHWC.dtype)
+
+
+def _kernel_init(init: str, std: float):
+  if init == 'paper':
+    return nn.initializers.normal(stddev=std)
+  if init == 'he':
+    return nn.initializers.variance_scaling(2.0, 'fan_in', 'truncated_normal')
+  raise ValueError(f"model.init must be 'paper' or 'he', got {init!r}")
+
+
+class TowerConv(nn.Module):
+  """A convolution whose output channels are split into `towers` towers.
+
+  grouped=True: tower t sees only input channel block t (conv2, conv4, conv5).
+  grouped=False: every tower sees all inputs (conv1, conv3); it is then one
+  ordinary convolution, which is exactly the concatenation of the towers.
+  """
+  features: int
+  kernel_size: int
+  stride: int = 1
+  padding: Any = 'SAME'
+  towers: int = 1
+  grouped: bool = False
+  bias_init_value: float = 0.0
+  weight_init: str = 'paper'
+  init_std: float = 0.01
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
+    in_ch = x_BHWC.shape[-1]
+    groups = self.towers if self.grouped else 1
+    if in_ch % groups or self.features % self.towers:
+      raise ValueError(
+          f'{self.name}: {in_ch} input / {self.features} output channels do not '
+          f'split into {self.towers} towers')
+    kh = kw = self.kernel_size
+    kernel = self.param('kernel', _kernel_init(self.weight_init, self.init_std),
+                        (kh, kw, in_ch // groups, self.features), jnp.float32)
+    bias = self.param('bias', nn.initializers.constant(self.bias_init_value),
+                      (self.features,), jnp.float32)
+    x = x_BHWC.astype(self.dtype)
+    kernel = kernel.astype(self.dtype)
+    pad = self.padding
+    if isinstance(pad, int):
+      pad = [(pad, pad), (pad, pad)]
+    conv = functools.partial(
+        jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
+        padding=pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if groups == 1:
+      y = conv(x, kernel)
+    else:
+      xs = jnp.split(x, groups, axis=-1)
+      ks = jnp.split(kernel, groups, axis=-1)
+      y = jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
+    return y + bias.astype(self.dtype)
+
+
+class AlexNet(nn.Module):
+  """AlexNet; defaults are the paper's network for 227x227 RGB input."""
+  num_classes: int = 1000
+  towers: int = 2
+  features: Sequence[int] = (96, 256, 384, 384, 256)
+  kernel_sizes: Sequence[int] = (11, 5, 3, 3, 3)
+  conv1_stride: int = 4
+  conv1_padding: Any = 0
+  pool_window: int = 3
+  pool_stride: int = 2
+  pool_padding: str = 'VALID'
+  fc_features: Sequence[int] = (4096, 4096)
+  dropout_rate: float = 0.5
+  use_lrn: bool = True
+  lrn_size: int = 5
+  lrn_k: float = 2.0
+  lrn_alpha: float = 1e-4
+  lrn_beta: float = 0.75
+  lrn_alpha_over_size: bool = False
+  weight_init: str = 'paper'
+  init_std: float = 0.01
+  dtype: Dtype = jnp.float32
+
+  def _conv(self, i: int, grouped: bool, bias: float, stride: int = 1,
+            padding: Any = None):
+    k = self.kernel_sizes[i]
+    return TowerConv(
+        features=self.features[i], kernel_size=k, stride=stride,
+        padding=k // 2 if padding is None else padding, towers=self.towers,
+        grouped=grouped, bias_init_value=bias, weight_init=self.weight_init,
+        init_std=self.init_std, dtype=self.dtype, name=f'conv{i + 1}')
+
+  def _lrn(self, x):
+    if not self.use_lrn:
+      return x
+    return local_response_norm(
+        x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
+        beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size,
+        towers=self.towers)
+
+  def _pool(self, x):
+    w, s = self.pool_window, self.pool_stride
+    return nn.max_pool(x, (w, w), strides=(s, s), padding=self.pool_padding)
+
+  @nn.compact
+  def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
+    x = images_BHWC
+    # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
+    # that the ReLUs receive positive inputs early on (section 5).
+    x = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
+                   padding=self.conv1_padding)(x)
+    x = self._pool(self._lrn(nn.relu(x)))
+    x = self._conv(1, grouped=True, bias=1.0)(x)
+    x = self._pool(self._lrn(nn.relu(x)))
+    x = nn.relu(self._conv(2, grouped=False, bias=0.0)(x))
+    x = nn.relu(self._conv(3, grouped=True, bias=1.0)(x))
+    x = nn.relu(self._conv(4, grouped=True, bias=1.0)(x))
+    x = self._pool(x)
+    x = x.reshape((x.shape[0], -1))
+    dense = functools.partial(
+        nn.Dense, kernel_init=_kernel_init(self.weight_init, self.init_std),
+        dtype=self.dtype, param_dtype=jnp.float32)
+    for i, width in enumerate(self.fc_features):
+      x = dense(width, bias_init=nn.initializers.ones, name=f'fc{i + 6}')(x)
+      x = nn.relu(x)
+      x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+    x = dense(self.num_classes, bias_init=nn.initializers.zeros,
+              name=f'fc{len(self.fc_features) + 6}')(x)
+    return x.astype(jnp.float32)
+
+
+def create_model(model_config, num_classes: int, dtype: str = 'float32') -> AlexNet:
+  """Builds the module from a `config.model` ConfigDict."""
+  m = model_config
+  return AlexNet(
+      num_classes=num_classes, towers=m.towers, features=tuple(m.features),
+      kernel_sizes=tuple(m.kernel_sizes), conv1_stride=m.conv1_stride,
+      conv1_padding=m.conv1_padding, pool_window=m.pool_window,
+      pool_stride=m.pool_stride, pool_padding=m.pool_padding,
+      fc_features=tuple(m.fc_features), dropout_rate=m.dropout_rate,
+      use_lrn=m.lrn.enabled, lrn_size=m.lrn.size, lrn_k=m.lrn.k,
+      lrn_alpha=m.lrn.alpha, lrn_beta=m.lrn.beta,
+      lrn_alpha_over_size=m.lrn.alpha_over_size, weight_init=m.init,
+      init_std=m.init_std, dtype=jnp.dtype(dtype))

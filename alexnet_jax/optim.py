@@ -1,0 +1,105 @@
+"""The paper's optimiser and the learning-rate schedules.
+
+Section 5 of the paper updates every weight w as
+
+    v <- 0.9 v - 0.0005 * lr * w - lr * dL/dw
+    w <- w + v
+
+The learning rate sits inside the velocity: when lr is divided by 10 the
+momentum already accumulated keeps its size, unlike `optax.sgd`, which
+multiplies the whole momentum trace by the current lr.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+class PaperMomentumState(NamedTuple):
+  velocity: Any
+
+
+def paper_momentum(momentum: float = 0.9, weight_decay: float = 5e-4,
+                   nesterov: bool = False,
+                   decay_mask: Callable[[Any], Any] | None = None
+                   ) -> optax.GradientTransformationExtraArgs:
+  """The update rule of section 5; `update(..., learning_rate=lr)` returns `v`.
+
+  Args:
+    momentum: the 0.9 of the rule.
+    weight_decay: the 0.0005 of the rule.
+    nesterov: use the look-ahead form w <- w + momentum * v_new - lr * (g + wd w)
+      (not in the paper; used by the small-image configs).
+    decay_mask: params -> pytree of bools; leaves marked False get no weight
+      decay (by default all leaves are decayed).
+  """
+
+  def init_fn(params):
+    return PaperMomentumState(jax.tree.map(jnp.zeros_like, params))
+
+  def update_fn(grads, state, params=None, *, learning_rate, **unused):
+    del unused
+    if params is None:
+      raise ValueError('paper_momentum needs params for weight decay')
+    mask = (decay_mask(params) if decay_mask is not None
+            else jax.tree.map(lambda _: True, params))
+
+    def step(v, g, w, m):
+      wd = weight_decay if m else 0.0
+      delta = learning_rate * (g + wd * w)
+      v_new = momentum * v - delta
+      update = momentum * v_new - delta if nesterov else v_new
+      return v_new.astype(v.dtype), update.astype(w.dtype)
+
+    out = jax.tree.map(step, state.velocity, grads, params, mask)
+    velocity = jax.tree.map(lambda o: o[0], out, is_leaf=lambda o: isinstance(o, tuple))
+    updates = jax.tree.map(lambda o: o[1], out, is_leaf=lambda o: isinstance(o, tuple))
+    return updates, PaperMomentumState(velocity)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def kernels_only(params):
+  """Decay mask: weight decay on kernels, none on biases (as Caffe's recipe)."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], 'key', None) != 'bias', params)
+
+
+def create_optimizer(opt_config) -> optax.GradientTransformationExtraArgs:
+  """Builds the optimiser named by `config.optimizer`."""
+  if opt_config.name != 'paper_momentum':
+    raise ValueError(
+        f"config.optimizer.name={opt_config.name!r} is not known; use 'paper_momentum'")
+  mask = None if opt_config.decay_biases else kernels_only
+  return paper_momentum(opt_config.momentum, opt_config.weight_decay,
+                        nesterov=opt_config.nesterov, decay_mask=mask)
+
+
+def create_schedule(sched_config, base_lr: float, steps_per_epoch: int,
+                    total_steps: int) -> Callable[[jax.Array], jax.Array]:
+  """Learning rate as a function of the step, before plateau reductions.
+
+  'constant' (with 'plateau' reductions applied on top by the trainer, the
+  paper's rule), 'steps' (divide by `factor` at the given epochs) and
+  'one_cycle' (linear warm-up then cosine decay, for short runs).
+  """
+  name = sched_config.name
+  if name in ('constant', 'plateau'):
+    return lambda step: jnp.asarray(base_lr, jnp.float32)
+  if name == 'steps':
+    boundaries = {int(e * steps_per_epoch): sched_config.factor
+                  for e in sched_config.boundaries_epochs}
+    return optax.piecewise_constant_schedule(base_lr, boundaries)
+  if name == 'one_cycle':
+    warmup = max(1, int(sched_config.warmup_fraction * total_steps))
+    return optax.warmup_cosine_decay_schedule(
+        init_value=base_lr / sched_config.div_factor, peak_value=base_lr,
+        warmup_steps=warmup, decay_steps=total_steps,
+        end_value=base_lr / sched_config.final_div_factor)
+  raise ValueError(
+      f"config.schedule.name={name!r} is not known; use one of "
+      "'plateau', 'constant', 'steps', 'one_cycle'")

@@ -1,0 +1,369 @@
+"""Training and evaluation: the pmap-ed step, the loop, checkpoints, outputs.
+
+Everything that crosses devices goes through the named axis `AXIS`
+(`lax.pmean` / `lax.psum`), so the same step runs on 1 device or many.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from alexnet_jax import checkpointing
+from alexnet_jax import config_lib
+from alexnet_jax import input_pipeline
+from alexnet_jax import metric_writers
+from alexnet_jax import models
+from alexnet_jax import optim
+
+AXIS = 'batch'
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  lr_scale: jax.Array  # product of the plateau reductions applied so far
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The training loss became NaN or infinite."""
+
+
+def create_train_state(config, model: models.AlexNet,
+                       tx: optax.GradientTransformation) -> TrainState:
+  size = config.dataset.image_size
+  channels = len(config.dataset.mean)
+  dummy = jnp.zeros((1, size, size, channels), jnp.float32)
+
+  @jax.jit
+  def init(rng):
+    params = model.init({'params': rng}, dummy, train=False)['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=tx.init(params), lr_scale=jnp.ones((), jnp.float32))
+
+  return init(jax.random.key(config.seed))
+
+
+def cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def train_step(state: TrainState, batch, *, model: models.AlexNet,
+               tx: optax.GradientTransformationExtraArgs,
+               schedule: Callable[[jax.Array], jax.Array], seed: int):
+  """One SGD step on this device's shard; gradients averaged over `AXIS`.
+
+  The dropout key is derived from (seed, step, device index), so a run is
+  reproducible for a given device count.
+  """
+  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
+                           jax.lax.axis_index(AXIS))
+
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'], train=True,
+                         rngs={'dropout': rng})
+    return cross_entropy(logits, batch['label']).mean(), logits
+
+  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  grads = jax.lax.pmean(grads, AXIS)
+  lr = schedule(state.step) * state.lr_scale
+  updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                 learning_rate=lr)
+  params = optax.apply_updates(state.params, updates)
+  metrics = jax.lax.pmean({
+      'train_loss': loss,
+      'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
+  }, AXIS)
+  metrics['lr'] = lr
+  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+  return new_state, metrics
+
+
+def eval_step(params, batch, *, model: models.AlexNet):
+  """Sums over this step's real examples (mask 1) of all devices."""
+  logits = model.apply({'params': params}, batch['image'], train=False)
+  return jax.lax.psum(masked_counts(logits, batch['label'], batch['mask']), AXIS)
+
+
+def masked_counts(logits, labels, mask):
+  """Correct top-1 / top-5 predictions, loss and example count, masked."""
+  k = min(5, logits.shape[-1])
+  _, top_k = jax.lax.top_k(logits, k)
+  hit5 = jnp.any(top_k == labels[:, None], axis=-1)
+  hit1 = top_k[:, 0] == labels
+  return {
+      'top1_correct': jnp.sum(hit1 * mask),
+      'top5_correct': jnp.sum(hit5 * mask),
+      'loss_sum': jnp.sum(cross_entropy(logits, labels) * mask),
+      'count': jnp.sum(mask),
+  }
+
+
+def evaluate(p_eval_step, params, batches, num_devices: int,
+             max_batches: int = 0) -> dict[str, float]:
+  """Top-1/top-5 error over every example the iterator yields."""
+  totals = None
+  for i, batch in enumerate(batches):
+    if max_batches and i >= max_batches:
+      break
+    out = p_eval_step(params, input_pipeline.shard(batch, num_devices))
+    totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+  totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
+  n = totals['count']
+  return {
+      'eval_top1_error': 1.0 - totals['top1_correct'] / n,
+      'eval_top5_error': 1.0 - totals['top5_correct'] / n,
+      'eval_loss': totals['loss_sum'] / n,
+      'eval_examples': int(n),
+  }
+
+
+class Plateau:
+  """The paper's rule: divide lr by 10 when validation error stops improving."""
+
+  def __init__(self, sched_config, state: dict | None = None):
+    self.cfg = sched_config
+    state = state or {}
+    self.best = state.get('best', float('inf'))
+    self.bad_evals = state.get('bad_evals', 0)
+    self.reductions = state.get('reductions', 0)
+
+  def update(self, error: float) -> bool:
+    """Records one evaluation; returns True when lr must be reduced now."""
+    if error < self.best - self.cfg.min_delta:
+      self.best, self.bad_evals = error, 0
+      return False
+    self.bad_evals += 1
+    if (self.cfg.name == 'plateau' and self.bad_evals >= self.cfg.patience
+        and self.reductions < self.cfg.max_reductions):
+      self.reductions += 1
+      self.bad_evals = 0
+      return True
+    return False
+
+  def state(self) -> dict:
+    return {'best': self.best, 'bad_evals': self.bad_evals,
+            'reductions': self.reductions}
+
+
+class StopSignal:
+  """Turns SIGTERM/SIGINT into a flag checked between steps."""
+
+  def __init__(self):
+    self.received = None
+    self._previous = {}
+
+  def __enter__(self):
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      try:
+        self._previous[sig] = signal.signal(sig, self._handle)
+      except ValueError:  # not the main thread: signals stay with the caller
+        pass
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    if self.received is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    self.received = signal.Signals(signum).name
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+def select_devices(config) -> list:
+  devices = jax.local_devices()
+  if config.num_devices:
+    if config.num_devices > len(devices):
+      raise ValueError(
+          f'Bad config: num_devices={config.num_devices} but only {len(devices)} '
+          'local devices exist (on CPU, simulate more with XLA_FLAGS='
+          '--xla_force_host_platform_device_count=N)')
+    devices = devices[:config.num_devices]
+  return devices
+
+
+def _host_metrics(history: list[dict]) -> dict[str, float]:
+  stacked = jax.device_get(history)
+  return {k: float(np.mean([m[k][0] for m in stacked])) for k in stacked[0]}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains, evaluates and checkpoints in `workdir`; re-running resumes.
+
+  Returns the final results (also written to `workdir/results.json`), or the
+  partial results with `'stopped_by'` set when a signal ended the run early.
+  """
+  devices = select_devices(config)
+  num_devices = len(devices)
+  config_lib.validate(config, num_devices * jax.process_count())
+  local_batch = config.global_batch_size // jax.process_count()
+  eval_local_batch = config.eval_batch_size // jax.process_count()
+  os.makedirs(workdir, exist_ok=True)
+
+  train_images, train_labels = input_pipeline.load_arrays(config, config.dataset.train_split)
+  eval_images, eval_labels = input_pipeline.load_arrays(config, config.dataset.eval_split)
+  part = input_pipeline.process_slice(len(train_images))
+  train_images, train_labels = train_images[part], train_labels[part]
+  steps_per_epoch = len(train_images) // local_batch
+  total_steps = config.num_epochs * steps_per_epoch
+  if config.max_train_steps:
+    total_steps = min(total_steps, config.max_train_steps)
+  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  tx = optim.create_optimizer(config.optimizer)
+  schedule = optim.create_schedule(
+      config.schedule, config.schedule.base_lr,
+      steps_per_epoch, config.num_epochs * steps_per_epoch)
+  state = create_train_state(config, model, tx)
+
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                    keep=config.keep_checkpoints)
+  restored = ckpt.restore_latest(state)
+  host_state = {}
+  if restored is not None:
+    state, host_state = restored
+    print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
+  checkpointing.write_config(config, workdir)
+  plateau = Plateau(config.schedule, host_state.get('plateau'))
+  prior_elapsed = float(host_state.get('elapsed_sec', 0.0))
+  start_step = int(state.step)
+  if start_step >= total_steps:
+    results = checkpointing.read_json(os.path.join(workdir, 'results.json'))
+    logging.info('%s already holds a finished run (step %d of %d); nothing to do.',
+                 workdir, start_step, total_steps)
+    if results:
+      return results
+
+  writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  p_train_step = jax.pmap(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        seed=config.seed),
+      axis_name=AXIS, devices=devices, donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, model=model),
+                         axis_name=AXIS, devices=devices)
+  state = flax.jax_utils.replicate(state, devices)
+
+  def save(step_state):
+    ckpt.save(flax.jax_utils.unreplicate(step_state),
+              {'plateau': plateau.state(),
+               'elapsed_sec': prior_elapsed + time.time() - t_start})
+
+  def run_eval(step_state, step):
+    t0 = time.time()
+    batches = input_pipeline.eval_batches(config, eval_images, eval_labels,
+                                          local_batch=eval_local_batch)
+    result = evaluate(p_eval_step, step_state.params, batches, num_devices,
+                      config.max_eval_batches)
+    result['epoch'] = step / steps_per_epoch
+    writer.write(step, result)
+    logging.info('step %d: %s (%.1fs)', step, result, time.time() - t0)
+    return result, time.time() - t0
+
+  train_ds = input_pipeline.train_dataset(
+      config, train_images, train_labels, local_batch=local_batch,
+      start_step=start_step)
+  train_iter = (input_pipeline.shard(b, num_devices)
+                for b in train_ds.as_numpy_iterator())
+  train_iter = flax.jax_utils.prefetch_to_device(train_iter, 2, devices)
+
+  progress = metric_writers.Progress(total_steps, start_step, enabled=(
+      config.progress_bar and jax.process_index() == 0))
+  history, last_eval, stopped_by = [], None, None
+  compile_s, excluded_s, t_start = 0.0, 0.0, time.time()
+  step = start_step
+  with StopSignal() as stop:
+    while step < total_steps:
+      batch = next(train_iter)
+      if step == start_step:
+        t0 = time.time()
+        state, metrics = p_train_step(state, batch)
+        jax.block_until_ready(metrics)
+        compile_s = time.time() - t0
+        progress.note(f'compile + first step: {compile_s:.1f}s')
+      else:
+        state, metrics = p_train_step(state, batch)
+      history.append(metrics)
+      step += 1
+      progress.update(step)
+
+      if step % config.log_every_steps == 0 or step == total_steps:
+        summary = _host_metrics(history)
+        history = []
+        if not np.isfinite(summary['train_loss']):
+          raise NonFiniteLossError(
+              f'Training loss is {summary["train_loss"]} at step {step}. Nothing '
+              f'was saved from the diverged state; the last good checkpoint in '
+              f'{workdir}/checkpoints is intact. Lower --config.schedule.base_lr '
+              f'(now {config.schedule.base_lr}) or check the input data.')
+        elapsed = time.time() - t_start - compile_s - excluded_s
+        done = step - start_step - 1
+        summary['train_images_per_sec'] = (done * config.global_batch_size / elapsed
+                                           if done > 0 and elapsed > 0 else 0.0)
+        writer.write(step, summary)
+        progress.set_postfix(loss=summary['train_loss'], lr=summary['lr'])
+
+      t_pause = time.time()
+      if step % eval_every == 0 or step == total_steps:
+        last_eval, _ = run_eval(state, step)
+        progress.note(f'step {step}: top-1 error {last_eval["eval_top1_error"]:.4f}, '
+                      f'top-5 error {last_eval["eval_top5_error"]:.4f} '
+                      f'({last_eval["eval_examples"]} examples)')
+        if plateau.update(last_eval['eval_top1_error']):
+          new_scale = float(config.schedule.factor ** plateau.reductions)
+          state = state.replace(lr_scale=jax.device_put_replicated(
+              jnp.float32(new_scale), devices))
+          progress.note(f'validation error stopped improving: lr x{new_scale:g}')
+      if (step % config.checkpoint_every_steps == 0 or step == total_steps
+          or stop.received):
+        save(state)
+      excluded_s += time.time() - t_pause
+      if stop.received:
+        stopped_by = stop.received
+        progress.note(f'{stopped_by} received: checkpoint saved at step {step}; '
+                      'run the same command again to resume.')
+        break
+  progress.close()
+  ckpt.wait()
+
+  wall = time.time() - t_start
+  trained = step - start_step
+  train_s = wall - compile_s - excluded_s
+  results = {
+      'step': step,
+      'total_steps': total_steps,
+      'wall_time_sec': wall,
+      'wall_time_total_sec': prior_elapsed + wall,  # all resumed segments
+      'compile_sec': compile_s,
+      'train_images_per_sec': (max(trained - 1, 0) * config.global_batch_size / train_s
+                               if train_s > 0 else 0.0),
+      'num_devices': num_devices * jax.process_count(),
+      'evaluated_prefix_only': bool(config.max_eval_batches),
+  }
+  if last_eval is not None:
+    results.update({k: last_eval[k] for k in
+                    ('eval_top1_error', 'eval_top5_error', 'eval_loss', 'eval_examples')})
+  if stopped_by:
+    results['stopped_by'] = stopped_by
+  elif jax.process_index() == 0:
+    checkpointing.write_json(os.path.join(workdir, 'results.json'), results)
+    metric_writers.plot_curves(workdir)
+  writer.close()
+  return results
