@@ -32,6 +32,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   c.dataset.std = (1.0, 1.0, 1.0)  # the paper only subtracts the mean
   c.dataset.num_parallel_calls = -1  # tf.data.AUTOTUNE
+  # ImageNet preprocessing (sections 2 and 4.1 of the paper).
+  c.dataset.resize_size = 256  # shorter side -> 256, then the central 256x256
+  # 'image': the per-pixel mean image of the training set (the paper);
+  # 'channel': its per-channel mean; both need `python -m
+  # alexnet_jax.tools.dataset_stats`. 'constant': dataset.mean and
+  # dataset.pca_eigval / pca_eigvec below, no statistics file.
+  c.dataset.mean_mode = 'image'
+  c.dataset.stats_dir = ''     # '' = the prepared tfds dataset's folder
+  c.dataset.pca_std = 0.1      # std of the PCA lighting alphas; 0 turns it off
+  # For mean_mode='constant': the ImageNet RGB PCA ([0, 1] pixel units) that
+  # fb.resnet.torch ships; the columns of pca_eigvec are the eigenvectors.
+  c.dataset.pca_eigval = (0.2175, 0.0188, 0.0045)
+  c.dataset.pca_eigvec = ((-0.5675, 0.7192, 0.4009),
+                          (-0.5808, -0.0045, -0.8140),
+                          (-0.5836, -0.6948, 0.4203))
+  c.dataset.eval_crops = 'ten'  # 'ten': corners + centre, mirrored (the paper); 'center'
+  # '' = off; 'memory'; or a file prefix: caches this process's encoded
+  # records after the first pass, saving re-reads from slow storage.
+  c.dataset.cache = ''
 
   c.model = ml_collections.ConfigDict()
   c.model.towers = 2
@@ -121,6 +140,18 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       fail(f'{key}={b} is not divisible by the {num_devices} devices in use; '
            f'pick a multiple of {num_devices} (e.g. --config.{key}='
            f'{max(num_devices, b - b % num_devices)}) or set --config.num_devices')
+  d = config.dataset
+  if d.mean_mode not in ('image', 'channel', 'constant'):
+    fail(f"dataset.mean_mode={d.mean_mode!r}; use 'image', 'channel' or 'constant'")
+  if d.eval_crops not in ('ten', 'center'):
+    fail(f"dataset.eval_crops={d.eval_crops!r}; use 'ten' or 'center'")
+  if d.pca_std < 0:
+    fail(f'dataset.pca_std={d.pca_std} must be >= 0')
+  if len(d.pca_eigval) != 3 or [len(r) for r in d.pca_eigvec] != [3, 3, 3]:
+    fail('dataset.pca_eigval needs 3 values and dataset.pca_eigvec 3x3')
+  if d.name == 'imagenet2012' and d.resize_size < d.image_size:
+    fail(f'dataset.resize_size={d.resize_size} is smaller than the '
+         f'dataset.image_size={d.image_size} crops taken from it')
   if config.num_epochs <= 0:
     fail(f'num_epochs={config.num_epochs} must be positive')
   if config.schedule.base_lr <= 0:

@@ -12,7 +12,8 @@ examples with mask 0, so every example is counted exactly once.
 from __future__ import annotations
 
 import os
-from typing import Iterator
+import dataclasses
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -113,19 +114,27 @@ def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
   images_t = tf.constant(images)
   labels_t = tf.constant(labels)
 
-  def batch_at(step):
-    epoch, i = step // steps_per_epoch, step % steps_per_epoch
+  def epoch_batches(epoch):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
-    index = order[i * local_batch:(i + 1) * local_batch]
+    index = tf.reshape(order[:steps_per_epoch * local_batch], [steps_per_epoch, local_batch])
+    steps = epoch * steps_per_epoch + tf.range(steps_per_epoch, dtype=tf.int64)
+    return tf.data.Dataset.from_tensor_slices((steps, index))
+
+  def load(step, index):
     image = crop_and_flip_batch(
         tf.gather(images_t, index), tf.stack([seed, -1 - step]),
         crop_padding=ds_cfg.crop_padding, flip=ds_cfg.random_flip)
     return {'image': _normalize(image, mean, std), 'label': tf.gather(labels_t, index)}
 
-  ds = tf.data.Dataset.range(start_step, 2**62)
-  ds = ds.map(batch_at, num_parallel_calls=2, deterministic=True)
-  return ds.prefetch(4)
+  first_epoch, skip = divmod(start_step, steps_per_epoch)
+  ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch_batches).skip(skip)
+  ds = ds.map(load, num_parallel_calls=2, deterministic=True)
+  options = tf.data.Options()
+  # One thread: the cores belong to the training step, and a 28x28 batch is
+  # ready long before the step that consumes it.
+  options.threading.private_threadpool_size = 1
+  return ds.with_options(options).prefetch(4)
 
 
 def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
@@ -148,6 +157,45 @@ def pad_batch(batch: Batch, size: int) -> Batch:
     return batch
   return {k: np.concatenate([v, np.zeros((size - n,) + v.shape[1:], v.dtype)])
           for k, v in batch.items()}
+
+
+@dataclasses.dataclass
+class Data:
+  """What the trainer needs from a dataset, for this process's share of it.
+
+  train(start_step) -> tf.data.Dataset of {'image', 'label'} batches of the
+  local batch size, infinite, batch s a function of (seed, s) only.
+  eval() -> iterator of {'image', 'label', 'mask'} batches covering the eval
+  split once; 'image' may be (B, crops, H, W, C) for multi-crop testing.
+  """
+  train: Callable[[int], tf.data.Dataset]
+  eval: Callable[[], Iterator[Batch]]
+  steps_per_epoch: int
+  num_train: int
+  num_eval: int
+
+
+def create_data(config, *, local_batch: int, eval_local_batch: int) -> Data:
+  """The train/eval pipelines of `config.dataset.name`."""
+  if config.dataset.name == 'fashion_mnist':
+    train_images, train_labels = load_arrays(config, config.dataset.train_split)
+    eval_images, eval_labels = load_arrays(config, config.dataset.eval_split)
+    part = process_slice(len(train_images))
+    train_images, train_labels = train_images[part], train_labels[part]
+    part = process_slice(len(eval_images)) if jax.process_count() > 1 else slice(None)
+    eval_images, eval_labels = eval_images[part], eval_labels[part]
+    return Data(
+        train=lambda start: train_dataset(config, train_images, train_labels,
+                                          local_batch=local_batch, start_step=start),
+        eval=lambda: eval_batches(config, eval_images, eval_labels,
+                                  local_batch=eval_local_batch),
+        steps_per_epoch=len(train_images) // local_batch,
+        num_train=len(train_images), num_eval=len(eval_images))
+  if config.dataset.name == 'imagenet2012':
+    from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+    return imagenet.create_data(config, local_batch=local_batch,
+                                eval_local_batch=eval_local_batch)
+  raise ValueError(f'Bad config: dataset.name={config.dataset.name!r} is not known')
 
 
 def shard(batch: Batch, num_devices: int) -> Batch:

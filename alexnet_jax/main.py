@@ -8,6 +8,8 @@ runs. Re-running the same command resumes from the newest checkpoint.
 import os
 import sys
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -55,10 +55,10 @@ def read_metrics(workdir: str) -> list[dict]:
 class Progress:
   """A tqdm bar with ETA; `note` prints above it."""
 
-  def __init__(self, total: int, initial: int, enabled: bool = True):
-    self.enabled = enabled
-    self.bar = tqdm.tqdm(total=total, initial=initial, unit='step',
-                         dynamic_ncols=True, disable=not enabled, smoothing=0.1)
+  def __init__(self, total: int, initial: int, bar: bool = True, chief: bool = True):
+    self.enabled = chief
+    self.bar = tqdm.tqdm(total=total, initial=initial, unit='step', dynamic_ncols=True,
+                         disable=not (bar and chief), smoothing=0.1)
 
   def update(self, step: int) -> None:
     self.bar.update(step - self.bar.n)
@@ -68,7 +68,7 @@ class Progress:
 
   def note(self, text: str) -> None:
     if self.enabled:
-      self.bar.write(text)
+      self.bar.write(text) if not self.bar.disable else print(text, flush=True)
 
   def close(self) -> None:
     self.bar.close()

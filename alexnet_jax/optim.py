@@ -69,14 +69,38 @@ def kernels_only(params):
       lambda path, _: getattr(path[-1], 'key', None) != 'bias', params)
 
 
+def scale_by_learning_rate() -> optax.GradientTransformationExtraArgs:
+  """Multiplies updates by -learning_rate, taken from the update's extra args."""
+
+  def update_fn(updates, state, params=None, *, learning_rate, **unused):
+    del params, unused
+    return jax.tree.map(lambda u: -learning_rate * u, updates), state
+
+  return optax.GradientTransformationExtraArgs(lambda _: optax.EmptyState(), update_fn)
+
+
+def adamw(b1: float, weight_decay: float, decay_mask=None):
+  """AdamW (decoupled weight decay) driven by the trainer's learning rate."""
+  return optax.chain(
+      optax.scale_by_adam(b1=b1),
+      optax.add_decayed_weights(weight_decay, mask=decay_mask),
+      scale_by_learning_rate())
+
+
 def create_optimizer(opt_config) -> optax.GradientTransformationExtraArgs:
-  """Builds the optimiser named by `config.optimizer`."""
-  if opt_config.name != 'paper_momentum':
-    raise ValueError(
-        f"config.optimizer.name={opt_config.name!r} is not known; use 'paper_momentum'")
+  """Builds the optimiser named by `config.optimizer.name`.
+
+  'paper_momentum' is the paper's rule; 'adamw' is offered for short
+  small-image runs. Both take the learning rate from the trainer each step.
+  """
   mask = None if opt_config.decay_biases else kernels_only
-  return paper_momentum(opt_config.momentum, opt_config.weight_decay,
-                        nesterov=opt_config.nesterov, decay_mask=mask)
+  if opt_config.name == 'paper_momentum':
+    return paper_momentum(opt_config.momentum, opt_config.weight_decay,
+                          nesterov=opt_config.nesterov, decay_mask=mask)
+  if opt_config.name == 'adamw':
+    return adamw(opt_config.momentum, opt_config.weight_decay, mask)
+  raise ValueError(f"config.optimizer.name={opt_config.name!r} is not known; "
+                   "use 'paper_momentum' or 'adamw'")
 
 
 def create_schedule(sched_config, base_lr: float, steps_per_epoch: int,

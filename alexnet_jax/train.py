@@ -44,6 +44,15 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
+def unreplicate(tree):
+  """The copy on the first device of a pmap-replicated tree.
+
+  (`flax.jax_utils.unreplicate` keeps the leading axis when pmap ran on a
+  single device of several.)
+  """
+  return jax.tree.map(lambda x: x[0], tree)
+
+
 def create_train_state(config, model: models.AlexNet,
                        tx: optax.GradientTransformation) -> TrainState:
   size = config.dataset.image_size
@@ -95,8 +104,21 @@ def train_step(state: TrainState, batch, *, model: models.AlexNet,
 
 
 def eval_step(params, batch, *, model: models.AlexNet):
-  """Sums over this step's real examples (mask 1) of all devices."""
-  logits = model.apply({'params': params}, batch['image'], train=False)
+  """Sums over this step's real examples (mask 1) of all devices.
+
+  With images of shape (B, crops, H, W, C) the prediction is the average of
+  the softmax over the crops (the paper's 10-patch testing); the returned
+  logits are then log-probabilities.
+  """
+  images = batch['image']
+  if images.ndim == 5:
+    b, crops = images.shape[:2]
+    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]),
+                         train=False)
+    probs = jax.nn.softmax(logits).reshape(b, crops, -1).mean(axis=1)
+    logits = jnp.log(probs)
+  else:
+    logits = model.apply({'params': params}, images, train=False)
   return jax.lax.psum(masked_counts(logits, batch['label'], batch['mask']), AXIS)
 
 
@@ -217,11 +239,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   eval_local_batch = config.eval_batch_size // jax.process_count()
   os.makedirs(workdir, exist_ok=True)
 
-  train_images, train_labels = input_pipeline.load_arrays(config, config.dataset.train_split)
-  eval_images, eval_labels = input_pipeline.load_arrays(config, config.dataset.eval_split)
-  part = input_pipeline.process_slice(len(train_images))
-  train_images, train_labels = train_images[part], train_labels[part]
-  steps_per_epoch = len(train_images) // local_batch
+  data = input_pipeline.create_data(config, local_batch=local_batch,
+                                    eval_local_batch=eval_local_batch)
+  steps_per_epoch = data.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_train_steps:
     total_steps = min(total_steps, config.max_train_steps)
@@ -262,30 +282,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state = flax.jax_utils.replicate(state, devices)
 
   def save(step_state):
-    ckpt.save(flax.jax_utils.unreplicate(step_state),
+    ckpt.save(unreplicate(step_state),
               {'plateau': plateau.state(),
                'elapsed_sec': prior_elapsed + time.time() - t_start})
 
   def run_eval(step_state, step):
     t0 = time.time()
-    batches = input_pipeline.eval_batches(config, eval_images, eval_labels,
-                                          local_batch=eval_local_batch)
-    result = evaluate(p_eval_step, step_state.params, batches, num_devices,
+    result = evaluate(p_eval_step, step_state.params, data.eval(), num_devices,
                       config.max_eval_batches)
     result['epoch'] = step / steps_per_epoch
     writer.write(step, result)
     logging.info('step %d: %s (%.1fs)', step, result, time.time() - t0)
     return result, time.time() - t0
 
-  train_ds = input_pipeline.train_dataset(
-      config, train_images, train_labels, local_batch=local_batch,
-      start_step=start_step)
   train_iter = (input_pipeline.shard(b, num_devices)
-                for b in train_ds.as_numpy_iterator())
+                for b in data.train(start_step).as_numpy_iterator())
   train_iter = flax.jax_utils.prefetch_to_device(train_iter, 2, devices)
 
-  progress = metric_writers.Progress(total_steps, start_step, enabled=(
-      config.progress_bar and jax.process_index() == 0))
+  progress = metric_writers.Progress(total_steps, start_step, bar=config.progress_bar,
+                                     chief=jax.process_index() == 0)
   history, last_eval, stopped_by = [], None, None
   compile_s, excluded_s, t_start = 0.0, 0.0, time.time()
   step = start_step
@@ -328,7 +343,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       f'({last_eval["eval_examples"]} examples)')
         if plateau.update(last_eval['eval_top1_error']):
           new_scale = float(config.schedule.factor ** plateau.reductions)
-          state = state.replace(lr_scale=jax.device_put_replicated(
+          state = state.replace(lr_scale=flax.jax_utils.replicate(
               jnp.float32(new_scale), devices))
           progress.note(f'validation error stopped improving: lr x{new_scale:g}')
       if (step % config.checkpoint_every_steps == 0 or step == total_steps

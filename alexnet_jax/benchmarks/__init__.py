@@ -1,0 +1,1 @@
+"""Stand-alone speed measurements; each module runs with `python -m`."""

@@ -1,0 +1,206 @@
+"""Input speed: the tf.data training pipeline against bare decoding and PIL.
+
+  python -m alexnet_jax.benchmarks.input_pipeline [--out=benchmarks_out/input_pipeline.json]
+
+Makes ImageNet-like JPEGs (500x375 or 375x500, quality 90, cut from real
+photos) and measures in one process, on the same images:
+  tf_pipeline  `imagenet.train_batches`, the training pipeline: decode of the
+               window of the central square under a random 227 crop of its
+               256 rescale, rescale, mean image, flip, PCA lighting, the
+               unreadable-image bookkeeping, batches of 64;
+  tf_decode    `tf.io.decode_jpeg` of the whole image, nothing else;
+  pil_numpy    the operations of tf_pipeline with PIL and numpy (PIL decodes
+               the whole image, and its bilinear filter widens when shrinking,
+               which TF's does not).
+Per core: every variant runs on one thread (tf.data with a private pool of one
+thread and no intra-op parallelism; PIL and numpy in the calling thread), and
+rates are images per CPU-second of this process, so other jobs on the machine
+do not lower them. The median of --rounds interleaved rounds is reported.
+Targets: tf_pipeline >= 1.3x pil_numpy and >= 0.8x tf_decode.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import numpy as np
+import PIL
+from PIL import Image
+
+flags.DEFINE_string('out', 'benchmarks_out/input_pipeline.json', 'JSON results file.')
+flags.DEFINE_integer('num_jpegs', 96, 'Distinct JPEGs made.')
+flags.DEFINE_integer('images', 1280, 'Images per measurement (a multiple of 64).')
+flags.DEFINE_integer('rounds', 5, 'Interleaved rounds; the median is reported.')
+
+BATCH = 64
+RESIZE, CROP = 256, 227
+
+
+def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
+  """ImageNet-like JPEGs: random 4:3 / 3:4 cuts of real photos, 500x375, q90."""
+  import skimage.data  # pylint: disable=g-import-not-at-top
+  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
+  photos = [getattr(skimage.data, name)() for name in
+            ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry')]
+  photos += list(load_sample_images().images)
+  rs = np.random.RandomState(seed)
+  out = []
+  for _ in range(n):
+    photo = photos[rs.randint(len(photos))]
+    size = (500, 375) if rs.rand() < 0.75 else (375, 500)  # (width, height)
+    h, w = photo.shape[:2]
+    scale = rs.uniform(0.7, 1.0) * min(w / size[0], h / size[1])
+    cw, ch = int(size[0] * scale), int(size[1] * scale)
+    left, top = rs.randint(w - cw + 1), rs.randint(h - ch + 1)
+    image = Image.fromarray(photo).resize(size, Image.BICUBIC,
+                                          box=(left, top, left + cw, top + ch))
+    buffer = io.BytesIO()
+    image.save(buffer, 'JPEG', quality=90)
+    out.append(buffer.getvalue())
+  return out
+
+
+def _stats():
+  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+  c = config_lib.base_config().dataset
+  # A smooth, non-constant mean image, so subtracting it costs what a real one does.
+  ramp = np.linspace(100, 140, RESIZE, dtype=np.float32)
+  mean = np.stack([ramp[:, None] + ramp[None, :] * 0.1] * 3, -1)
+  return imagenet.Stats(mean, np.asarray(c.pca_eigval, np.float32),
+                        np.asarray(c.pca_eigvec, np.float32))
+
+
+def _one_thread(ds):
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  options = tf.data.Options()
+  options.threading.private_threadpool_size = 1
+  options.threading.max_intra_op_parallelism = 1
+  return ds.with_options(options)
+
+
+def tf_pipeline(jpegs: list[bytes], n: int):
+  """The training pipeline over `n` images; returns a function that runs it."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
+  config = config_lib.base_config()
+  stats = _stats()
+  examples = tf.data.Dataset.zip({
+      'position': tf.data.Dataset.range(n),
+      'jpeg': tf.data.Dataset.from_tensor_slices(jpegs).repeat(),
+      'label': tf.data.Dataset.from_tensors(tf.constant(0, tf.int32)).repeat()})
+  ds = _one_thread(imagenet.train_batches(examples, config, stats,
+                                          local_batch=BATCH, per_epoch=n))
+  return lambda: sum(1 for _ in ds)
+
+
+def tf_decode(jpegs: list[bytes], n: int):
+  """Bare `decode_jpeg` of `n` images (reduced in-graph, batched like the pipeline)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().take(n)
+  # One pixel per image leaves the graph: the decode must run, the copy is nil.
+  ds = ds.map(lambda j: tf.io.decode_jpeg(j, channels=3)[0, 0],
+              num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
+  ds = _one_thread(ds.prefetch(tf.data.AUTOTUNE))
+  return lambda: sum(1 for _ in ds)
+
+
+def pil_numpy(jpegs: list[bytes], n: int):
+  """The pipeline's operations with PIL and numpy, batched like it."""
+  stats = _stats()
+  rs = np.random.RandomState(0)
+
+  def one(data):
+    image = Image.open(io.BytesIO(data)).convert('RGB')
+    w, h = image.size
+    side = min(w, h)
+    # As `imagenet.random_crop_resize`: the window of the central square that
+    # a 227 crop of its 256 rescale covers, rescaled straight to 227.
+    window = round(side * CROP / RESIZE)
+    dy, dx = rs.randint(0, side - window + 1, 2)
+    top, left = (h - side) // 2 + dy, (w - side) // 2 + dx
+    image = image.resize((CROP, CROP), Image.BILINEAR,
+                         box=(left, top, left + window, top + window))
+    r, c = np.minimum(np.round(np.array([dy, dx]) * RESIZE / side).astype(int),
+                      RESIZE - CROP)
+    x = np.asarray(image, np.float32) - stats.mean[r:r + CROP, c:c + CROP]
+    if rs.rand() < 0.5:
+      x = x[:, ::-1]
+    return x + 255.0 * stats.eigvec @ (rs.normal(0.0, 0.1, 3) * stats.eigval)
+
+  def run():
+    for start in range(0, n, BATCH):
+      np.stack([one(jpegs[i % len(jpegs)]) for i in range(start, start + BATCH)])
+  return run
+
+
+def _measure(run, n: int) -> dict[str, float]:
+  wall0, cpu0 = time.perf_counter(), sum(os.times()[:2])
+  run()
+  wall, cpu = time.perf_counter() - wall0, sum(os.times()[:2]) - cpu0
+  return {'images_per_cpu_sec': n / cpu, 'images_per_sec': n / wall,
+          'cpu_sec': cpu, 'wall_sec': wall}
+
+
+def run_benchmark(num_jpegs: int, images: int, rounds: int) -> dict:
+  """All three variants, interleaved over `rounds`; medians and target checks."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  tf.config.set_visible_devices([], 'GPU')
+  jpegs = make_jpegs(num_jpegs)
+  variants = {'tf_pipeline': tf_pipeline, 'tf_decode': tf_decode, 'pil_numpy': pil_numpy}
+  runners = {name: make(jpegs, images) for name, make in variants.items()}
+  for run in runners.values():  # warm-up: tracing, caches
+    run()
+  samples = {name: [] for name in runners}
+  for _ in range(rounds):
+    for name, run in runners.items():
+      samples[name].append(_measure(run, images))
+  rates = {name: statistics.median(s['images_per_cpu_sec'] for s in runs)
+           for name, runs in samples.items()}
+  vs_pil = rates['tf_pipeline'] / rates['pil_numpy']
+  vs_decode = rates['tf_pipeline'] / rates['tf_decode']
+  return {
+      'images_per_cpu_sec': rates,
+      'tf_pipeline_vs_pil_numpy': vs_pil,
+      'tf_pipeline_vs_tf_decode': vs_decode,
+      'targets': {'tf_pipeline >= 1.3x pil_numpy': vs_pil >= 1.3,
+                  'tf_pipeline >= 0.8x tf_decode': vs_decode >= 0.8},
+      'per_core': 'each variant on one thread; rate = images / process CPU seconds',
+      'samples': samples,
+      'setup': {'jpegs': num_jpegs, 'jpeg_size': '500x375 (3 in 4) or 375x500',
+                'jpeg_quality': 90, 'images_per_measurement': images,
+                'rounds': rounds, 'batch': BATCH, 'resize': RESIZE, 'crop': CROP},
+      'versions': {'tensorflow': tf.__version__, 'pillow': PIL.__version__,
+                   'numpy': np.__version__, 'python': platform.python_version()},
+      'machine': {'cpus': os.cpu_count(), 'processor': platform.processor()},
+  }
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  f = flags.FLAGS
+  if f.images % BATCH:
+    raise app.UsageError(f'--images must be a multiple of {BATCH}')
+  result = run_benchmark(f.num_jpegs, f.images, f.rounds)
+  for name, rate in result['images_per_cpu_sec'].items():
+    print(f'{name:12s} {rate:8.1f} images per CPU-second')
+  print(f'tf_pipeline / pil_numpy = {result["tf_pipeline_vs_pil_numpy"]:.2f} (target >= 1.3)')
+  print(f'tf_pipeline / tf_decode = {result["tf_pipeline_vs_tf_decode"]:.2f} (target >= 0.8)')
+  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
+  with open(f.out, 'w') as fp:
+    json.dump(result, fp, indent=2)
+  print(f'Wrote {f.out}')
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,538 @@
+"""ILSVRC-2012 fed as in the paper (sections 2 and 4.1).
+
+Every image is rescaled so that its shorter side is `resize_size` (256) and
+the central square is kept; the mean over the training set is subtracted (per
+pixel, or per channel). Training takes random `image_size` (227) crops,
+horizontal flips and the PCA colour augmentation; testing takes the centre
+crop or the ten patches (four corners, centre, and their mirror images).
+A training crop is decoded and rescaled from its own window of the original
+image (`random_crop_resize`), which equals cropping the rescaled square up to
+sub-pixel rounding and skips a fifth of the work.
+
+The raw data is the real `imagenet2012` tfds builder, fed the two archives from
+image-net.org. The mean image and the RGB PCA come from
+`python -m alexnet_jax.tools.dataset_stats` (once per dataset).
+
+Training batch s is a function of (seed, s) only: epoch e reads the shards of
+this process in an order seeded by (seed, e), shuffles examples with a buffer
+seeded by (seed, e), and every augmentation of the example at stream position
+p is seeded by (seed, process, p). Resuming at step s skips whole epochs for
+free and the records (not the decoding) of the current epoch's first batches.
+
+Images that do not decode do not stop training: they are replaced by another
+image of the same batch, counted, and the count is printed at each epoch's
+end. In evaluation they get mask 0 and a warning says how many there were.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import sys
+from typing import Iterator
+
+from absl import logging
+import jax
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from alexnet_jax import input_pipeline
+
+TRAIN_TAR = 'ILSVRC2012_img_train.tar'
+VAL_TAR = 'ILSVRC2012_img_val.tar'
+STATS_COMMAND = 'python -m alexnet_jax.tools.dataset_stats --config=configs/paper.py'
+_RAW_IMAGES = {'image': tfds.decode.SkipDecoding()}
+_AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ---------------------------------------------------------------- the builder
+
+
+def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
+  """tfds's own default: `<data_dir>/downloads/manual`."""
+  return os.path.join(os.fspath(builder.data_dir_root), 'downloads', 'manual')
+
+
+def prepare(config) -> tfds.core.DatasetBuilder:
+  """The `imagenet2012` builder, prepared from the manual archives if needed."""
+  builder = tfds.builder('imagenet2012', data_dir=config.dataset.data_dir or None)
+  if builder.is_prepared():
+    return builder
+  manual_dir = config.dataset.manual_dir or default_manual_dir(builder)
+  missing = [f for f in (TRAIN_TAR, VAL_TAR)
+             if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+  if missing:
+    raise input_pipeline.DataNotFoundError(
+        f'ImageNet (ILSVRC-2012) is not prepared in {builder.data_dir_root} and '
+        f'{" and ".join(missing)} {"is" if len(missing) == 1 else "are"} missing.\n'
+        f'Download {TRAIN_TAR} (138 GB) and {VAL_TAR} (6.3 GB) from '
+        'https://image-net.org/download-images (registration required) and put '
+        f'both in\n  {manual_dir}\n(or point --config.dataset.manual_dir at their '
+        'folder). The next run prepares the dataset once: about 150 GB more on '
+        'disk and several hours, even on a fast disk.')
+  # try_download_gcs=False: ImageNet is never hosted prepared; don't probe GCS.
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+      manual_dir=manual_dir, try_download_gcs=False))
+  return builder
+
+
+# ---------------------------------------------------------------- statistics
+
+
+@dataclasses.dataclass(frozen=True)
+class Stats:
+  """What preprocessing subtracts and the PCA it adds along.
+
+  mean: (R, R, 3) per-pixel mean image or (3,) per-channel mean, 0-255 units.
+  eigval: (3,) eigenvalues of the RGB covariance, pixel values in [0, 1].
+  eigvec: (3, 3) matching unit eigenvectors as columns.
+  """
+  mean: np.ndarray
+  eigval: np.ndarray
+  eigvec: np.ndarray
+
+
+def stats_path(config, builder: tfds.core.DatasetBuilder) -> str:
+  """Where dataset_stats writes the statistics of this dataset and resize."""
+  folder = config.dataset.stats_dir or os.fspath(builder.data_dir)
+  return os.path.join(folder, f'stats_{config.dataset.resize_size}.npz')
+
+
+def load_stats(config, builder: tfds.core.DatasetBuilder) -> Stats:
+  """The configured mean and PCA; raises DataNotFoundError if not computed."""
+  ds_cfg = config.dataset
+  if ds_cfg.mean_mode == 'constant':
+    return Stats(np.asarray(ds_cfg.mean, np.float32),
+                 np.asarray(ds_cfg.pca_eigval, np.float32),
+                 np.asarray(ds_cfg.pca_eigvec, np.float32))
+  path = stats_path(config, builder)
+  if not tf.io.gfile.exists(path):
+    raise input_pipeline.DataNotFoundError(
+        f'{path} does not exist: it holds the mean image and the RGB PCA of the '
+        'training set, which preprocessing needs. Compute them once (about as '
+        'long as one epoch of input) with\n'
+        f'  {STATS_COMMAND}\n'
+        'plus the same --config.dataset.* overrides as this run, or train with '
+        '--config.dataset.mean_mode=constant (dataset.mean and dataset.pca_*).')
+  with tf.io.gfile.GFile(path, 'rb') as f:
+    data = dict(np.load(f))
+  mean = data['mean_image'] if ds_cfg.mean_mode == 'image' else data['mean_rgb']
+  return Stats(mean.astype(np.float32), data['eigval'].astype(np.float32),
+               data['eigvec'].astype(np.float32))
+
+
+# ---------------------------------------------------------------- image ops
+
+
+def _decode_square(jpeg: tf.Tensor, top, left, side, min_side: int) -> tf.Tensor:
+  """Decodes the square window (top, left, side) of a JPEG as uint8.
+
+  libjpeg can shrink by 2, 4 or 8 while decoding, a proper low-pass that also
+  saves work: the largest shrink that keeps the window >= `min_side` is used,
+  so a bilinear rescale to `min_side` afterwards shrinks by less than 2 and
+  needs no anti-aliasing.
+  """
+  shrink = tf.reduce_sum(tf.cast(side >= min_side * tf.constant([2, 4, 8]), tf.int32))
+
+  def decode(ratio):
+    window = tf.stack([top // ratio, left // ratio, side // ratio, side // ratio])
+    return lambda: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3, ratio=ratio)
+
+  return tf.switch_case(shrink, [decode(r) for r in (1, 2, 4, 8)])
+
+
+def _rescale(image: tf.Tensor, size: int) -> tf.Tensor:
+  # Bilinear from float32 input: TF's uint8 path is about twice as slow.
+  return tf.image.resize(tf.cast(image, tf.float32), [size, size],
+                         method='bilinear', antialias=False)
+
+
+def center_square_resize(jpeg: tf.Tensor, size: int) -> tf.Tensor:
+  """Decodes the JPEG's central square, rescaled to (size, size, 3) float32.
+
+  The paper rescales the shorter side to 256 and keeps the central 256x256
+  patch; cropping the central square first selects the same pixels (up to
+  sub-pixel rounding at its borders) and lets libjpeg skip the margins.
+  """
+  shape = tf.image.extract_jpeg_shape(jpeg)
+  side = tf.minimum(shape[0], shape[1])
+  square = _decode_square(jpeg, (shape[0] - side) // 2, (shape[1] - side) // 2,
+                          side, size)
+  return _rescale(square, size)
+
+
+def train_window(shape: tf.Tensor, seed: tf.Tensor, resize: int, size: int):
+  """Where a random size x size crop of the rescaled central square lies.
+
+  Returns (top, left, window) in the original image's pixels, the window being
+  the part of the central square that a `size` crop of its `resize` x
+  `resize` rescale covers, at a uniform position; and the crop's (row, col)
+  in the rescaled square (where the mean image is taken).
+  """
+  side = tf.minimum(shape[0], shape[1])
+  window = tf.maximum(1, tf.cast(tf.round(
+      tf.cast(side, tf.float32) * (size / resize)), tf.int32))
+  offsets = crop_offsets(seed, side, window)
+  top = (shape[0] - side) // 2 + offsets[0]
+  left = (shape[1] - side) // 2 + offsets[1]
+  scaled = tf.cast(tf.round(tf.cast(offsets, tf.float32) * resize
+                            / tf.cast(side, tf.float32)), tf.int32)
+  return top, left, window, tf.clip_by_value(scaled, 0, resize - size)
+
+
+def random_crop_resize(jpeg: tf.Tensor, seed: tf.Tensor, resize: int,
+                       size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """A random `size` crop of the JPEG's central square rescaled to `resize`.
+
+  Cropping the rescaled square equals rescaling the matching window of the
+  original, up to sub-pixel rounding; decoding and rescaling only that window
+  saves about a fifth of the work. Positions are drawn in original pixels,
+  which covers the same crops as the paper's 30 x 30 positions, more finely.
+  Returns the (size, size, 3) float32 crop and its offsets in the rescaled
+  square.
+  """
+  top, left, window, offsets = train_window(
+      tf.image.extract_jpeg_shape(jpeg), seed, resize, size)
+  return _rescale(_decode_square(jpeg, top, left, window, size), size), offsets
+
+
+def crop_offsets(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
+  """Uniform (row, col) of a size x size crop inside a full x full image."""
+  return tf.random.stateless_uniform([2], seed, 0, full - size + 1, tf.int32)
+
+
+def crop(image: tf.Tensor, offsets: tf.Tensor, size: int) -> tf.Tensor:
+  """The size x size patch of an (H, W, C) image at (row, col) `offsets`."""
+  return tf.slice(image, tf.concat([offsets, [0]], 0), [size, size, -1])
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
+  """Mirrors an (H, W, C) image left-right with probability 1/2."""
+  flip = tf.random.stateless_uniform([], seed, 0, 2, tf.int32) > 0
+  return tf.cond(flip, lambda: tf.reverse(image, [1]), lambda: image)
+
+
+def add_per_channel(image: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+  """image (H, W, C) + values (C,), as a broadcast over rows of W * C values.
+
+  TF broadcasts an innermost dimension of 3 element by element, about ten
+  times slower than this row-wise form, which it vectorises.
+  """
+  shape = tf.shape(image)
+  rows = tf.reshape(image, [shape[0], shape[1] * shape[2]])
+  return tf.reshape(rows + tf.tile(values, [shape[1]]), shape)
+
+
+def subtract_mean(image: tf.Tensor, mean: tf.Tensor,
+                  offsets: tf.Tensor | None = None) -> tf.Tensor:
+  """image - mean as float32; a mean image is taken at the image's `offsets`.
+
+  Cropping after subtracting the full-size mean image equals subtracting the
+  mean image cropped at the same place, which touches fewer pixels.
+  """
+  image = tf.cast(image, tf.float32)
+  if mean.shape.rank == 1:
+    return add_per_channel(image, -mean)
+  if offsets is None:
+    offsets = tf.zeros([2], tf.int32)
+  shape = tf.shape(image)
+  return image - tf.slice(mean, tf.concat([offsets, [0]], 0), [shape[0], shape[1], -1])
+
+
+def pca_alphas(seed: tf.Tensor, std: float) -> tf.Tensor:
+  """The paper's alpha_i ~ N(0, std), one draw per image and presentation."""
+  return std * tf.random.stateless_normal([3], seed)
+
+
+def pca_offset(alphas: tf.Tensor, eigval: tf.Tensor, eigvec: tf.Tensor) -> tf.Tensor:
+  """sum_i alpha_i lambda_i p_i in 0-255 units (PCA stats are in [0, 1] units)."""
+  return 255.0 * tf.linalg.matvec(eigvec, alphas * eigval)
+
+
+def pca_lighting(image: tf.Tensor, seed: tf.Tensor, eigval: tf.Tensor,
+                 eigvec: tf.Tensor, std: float) -> tf.Tensor:
+  """Adds one random RGB offset along the principal components to every pixel."""
+  return add_per_channel(image, pca_offset(pca_alphas(seed, std), eigval, eigvec))
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central size x size patch of an (H, W, C) image."""
+  shape = tf.shape(image)
+  return crop(image, tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2]), size)
+
+
+def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
+  """(10, size, size, C): the four corners, the centre, then their mirror images."""
+  shape = tf.shape(image)
+  bottom, right = shape[0] - size, shape[1] - size
+  corners = [crop(image, tf.stack([r, c]), size)
+             for r, c in ((0, 0), (0, right), (bottom, 0), (bottom, right))]
+  five = tf.stack(corners + [center_crop(image, size)])
+  return tf.concat([five, tf.reverse(five, [2])], 0)
+
+
+def train_image(jpeg: tf.Tensor, seed: tf.Tensor, *, mean: tf.Tensor,
+                eigval: tf.Tensor, eigvec: tf.Tensor, resize: int, size: int,
+                flip: bool, pca_std: float) -> tf.Tensor:
+  """Random crop, mean subtraction, flip and PCA lighting of one JPEG."""
+  crop_seed, flip_seed, pca_seed = tf.unstack(
+      tf.random.experimental.stateless_split(seed, 3))
+  image, offsets = random_crop_resize(jpeg, crop_seed, resize, size)
+  x = subtract_mean(image, mean, offsets)
+  if flip:
+    x = random_flip(x, flip_seed)
+  if pca_std:
+    x = pca_lighting(x, pca_seed, eigval, eigvec, pca_std)
+  return x
+
+
+def eval_image(image: tf.Tensor, *, mean: tf.Tensor, size: int,
+               crops: str) -> tf.Tensor:
+  """Mean-subtracted centre crop (size, size, 3) or ten crops (10, size, size, 3)."""
+  x = subtract_mean(image, mean)
+  return ten_crops(x, size) if crops == 'ten' else center_crop(x, size)
+
+
+def fill_unreadable(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+  """Replaces the 'image' and 'label' of ok=False examples by readable ones.
+
+  The batch keeps its size and its place in the stream (so resuming stays
+  exact); 'ok' becomes 'unreadable', the number replaced.
+  """
+  batch = dict(batch)
+  ok = batch.pop('ok')
+  good = tf.cast(tf.where(ok)[:, 0], tf.int32)
+  n, num_good = tf.shape(ok)[0], tf.shape(good)[0]
+  index = tf.range(n)
+  source = tf.where(ok | (num_good == 0), index,
+                    tf.gather(good, index % tf.maximum(num_good, 1)))
+  for key in ('image', 'label'):
+    # Copying the batch only when needed: nearly every batch is all readable.
+    batch[key] = tf.cond(num_good < n, lambda v=batch[key]: tf.gather(v, source),
+                         lambda v=batch[key]: v)
+  batch['unreadable'] = n - num_good
+  return batch
+
+
+# ---------------------------------------------------------------- pipelines
+
+
+def map_or_flag(ds: tf.data.Dataset, fn, *, parallel: int,
+                first_position: int = 0) -> tf.data.Dataset:
+  """`ds.map(fn)` in parallel, where elements on which `fn` fails become zeros.
+
+  Elements are dicts with consecutive int64 'position's from
+  `first_position`; outputs gain 'position' and 'ok' (False for stand-ins).
+  A failing op (a corrupt JPEG) would end the iterator, so failed elements
+  are dropped and zero stand-ins put back in their places: batches keep their
+  positions. A failure at the very end of a finite stream leaves no stand-in.
+  """
+  def apply(ex):
+    return {**fn(ex), 'position': ex['position'], 'ok': tf.constant(True)}
+
+  mapped = ds.map(apply, num_parallel_calls=parallel, deterministic=True).ignore_errors()
+  spec = mapped.element_spec
+
+  def restore_gaps(expected, ex):
+    missing = ex['position'] - expected
+
+    def with_stand_ins():
+      out = {}
+      for key, s in spec.items():
+        filler = (tf.range(expected, ex['position']) if key == 'position' else
+                  tf.zeros(tf.concat([[tf.cast(missing, tf.int32)], s.shape], 0), s.dtype))
+        out[key] = tf.concat([filler, ex[key][None]], 0)
+      return out
+
+    out = tf.cond(missing > 0, with_stand_ins, lambda: {k: v[None] for k, v in ex.items()})
+    return ex['position'] + 1, out
+
+  return mapped.scan(tf.constant(first_position, tf.int64), restore_gaps).unbatch()
+
+
+def _cache(ds: tf.data.Dataset, cache: str) -> tf.data.Dataset:
+  return ds.cache('' if cache == 'memory' else cache) if cache else ds
+
+
+def _examples(config, builder, split) -> tf.data.Dataset:
+  """{'position', 'jpeg', 'label'} of `split` in the stored order."""
+  ds = builder.as_dataset(split=split, decoders=_RAW_IMAGES, shuffle_files=False)
+  ds = _cache(ds.map(lambda ex: (ex['image'], ex['label'])), config.dataset.cache)
+  return ds.enumerate().map(lambda i, ex: {
+      'position': i, 'jpeg': ex[0], 'label': tf.cast(ex[1], tf.int32)})
+
+
+def decoded_split(config, builder, split) -> tf.data.Dataset:
+  """{'image' (R, R, 3) float32, 'label', 'position', 'ok'} of `split`, in order."""
+  size = config.dataset.resize_size
+  return map_or_flag(
+      _examples(config, builder, split),
+      lambda ex: {'image': center_square_resize(ex['jpeg'], size), 'label': ex['label']},
+      parallel=config.dataset.num_parallel_calls)
+
+
+def _train_records(config, builder, split, *, per_epoch: int,
+                   start_position: int) -> tf.data.Dataset:
+  """{'position', 'serialized'} of epochs e = start..., each seeded by (seed, e)."""
+  ds_cfg = config.dataset
+  shards = builder.info.splits[split].file_instructions
+  files = tf.constant([os.fspath(s.filename) for s in shards])
+  skips = tf.constant([s.skip for s in shards], tf.int64)
+  takes = tf.constant([s.take for s in shards], tf.int64)
+  seed = tf.constant(config.seed, tf.int64)
+
+  def read(order):
+    return tf.data.Dataset.from_tensor_slices(order).interleave(
+        lambda i: tf.data.TFRecordDataset(files[i]).skip(skips[i]).take(takes[i]),
+        cycle_length=min(16, len(shards)), block_length=1,
+        num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+  # A cache holds one fixed order, so cached epochs differ by the buffer only.
+  cached = _cache(read(tf.range(len(shards))), ds_cfg.cache) if ds_cfg.cache else None
+
+  def epoch(e):
+    order_seed, shuffle_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.stack([seed, e]), 2))
+    records = cached if cached is not None else read(
+        tf.random.experimental.stateless_shuffle(tf.range(len(shards)), order_seed))
+    records = records.shuffle(ds_cfg.shuffle_buffer, seed=tf.random.stateless_uniform(
+        [], shuffle_seed, None, None, tf.int64)).take(per_epoch)
+    return tf.data.Dataset.zip({
+        'position': tf.data.Dataset.range(e * per_epoch, (e + 1) * per_epoch),
+        'serialized': records})
+
+  start_epoch = start_position // per_epoch
+  ds = tf.data.Dataset.range(start_epoch, 2**62).flat_map(epoch)
+  return ds.skip(start_position - start_epoch * per_epoch)
+
+
+def train_batches(examples: tf.data.Dataset, config, stats: Stats, *,
+                  local_batch: int, per_epoch: int, first_position: int = 0,
+                  parse=None) -> tf.data.Dataset:
+  """Decoded, augmented {'image', 'label'} batches of {'position', 'jpeg', 'label'}.
+
+  `examples` come in stream order with consecutive positions from
+  `first_position` (a multiple of `local_batch`); epochs start at multiples
+  of `per_epoch`. `parse`, if given, first turns each element into that form.
+  """
+  ds_cfg = config.dataset
+  base_seed = tf.constant([config.seed, jax.process_index()], tf.int64)
+  mean = tf.constant(stats.mean)
+  eigval, eigvec = tf.constant(stats.eigval), tf.constant(stats.eigvec)
+
+  def decode_and_augment(ex):
+    ex = parse(ex) if parse else ex
+    seed = tf.random.experimental.stateless_fold_in(base_seed, ex['position'])
+    image = train_image(
+        ex['jpeg'], seed, mean=mean, eigval=eigval, eigvec=eigvec,
+        resize=ds_cfg.resize_size, size=ds_cfg.image_size,
+        flip=ds_cfg.random_flip, pca_std=ds_cfg.pca_std)
+    return {'image': image, 'label': ex['label']}
+
+  def report(count, batch):
+    """Adds up unreadable images; prints the number at each epoch's end."""
+    count += tf.cast(batch.pop('unreadable'), tf.int64)
+    last = batch.pop('position')[-1]
+    end = (last + 1) % per_epoch == 0
+
+    def warn():
+      tf.print(f'imagenet2012 {ds_cfg.train_split}: skipped', count,
+               'unreadable images in epoch', last // per_epoch,
+               '(each replaced by another image of its batch)', output_stream=sys.stderr)
+      return tf.constant(0, tf.int64)
+
+    count = tf.cond(end & (count > 0), warn,
+                    lambda: tf.where(end, tf.constant(0, tf.int64), count))
+    return count, batch
+
+  ds = map_or_flag(examples, decode_and_augment, parallel=ds_cfg.num_parallel_calls,
+                   first_position=first_position)
+  ds = ds.batch(local_batch, drop_remainder=True).map(fill_unreadable)
+  return ds.scan(tf.constant(0, tf.int64), report).prefetch(_AUTOTUNE)
+
+
+def train_dataset(config, builder, stats: Stats, *, split, local_batch: int,
+                  steps_per_epoch: int, start_step: int = 0) -> tf.data.Dataset:
+  """Infinite {'image', 'label'} batches of this process; batch s depends on (seed, s)."""
+  features = builder.info.features
+
+  def parse(ex):
+    example = features.deserialize_example(ex['serialized'], decoders=_RAW_IMAGES)
+    return {'position': ex['position'], 'jpeg': example['image'],
+            'label': tf.cast(example['label'], tf.int32)}
+
+  per_epoch = steps_per_epoch * local_batch
+  start = start_step * local_batch
+  records = _train_records(config, builder, split, per_epoch=per_epoch,
+                           start_position=start)
+  return train_batches(records, config, stats, local_batch=local_batch,
+                       per_epoch=per_epoch, first_position=start, parse=parse)
+
+
+def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
+                 num_examples: int, num_batches: int) -> Iterator[input_pipeline.Batch]:
+  """Every example of `split` once; mask 0 marks padding and unreadable images.
+
+  Yields exactly `num_batches` batches (padding with empty ones), so that all
+  processes take part in the same number of cross-device eval steps.
+  """
+  ds_cfg = config.dataset
+  mean = tf.constant(stats.mean)
+
+  def decode_and_crop(ex):
+    image = eval_image(center_square_resize(ex['jpeg'], ds_cfg.resize_size),
+                       mean=mean, size=ds_cfg.image_size, crops=ds_cfg.eval_crops)
+    return {'image': image, 'label': ex['label']}
+
+  ds = map_or_flag(_examples(config, builder, split), decode_and_crop,
+                   parallel=ds_cfg.num_parallel_calls)
+  ds = ds.batch(local_batch).prefetch(2)
+  crops = (10,) if ds_cfg.eval_crops == 'ten' else ()
+  size = ds_cfg.image_size
+  empty = {'image': np.zeros((0,) + crops + (size, size, 3), np.float32),
+           'label': np.zeros((0,), np.int32), 'mask': np.zeros((0,), np.float32)}
+  done, readable = 0, 0
+  for batch in ds.as_numpy_iterator():
+    readable += int(batch['ok'].sum())
+    done += 1
+    yield input_pipeline.pad_batch(
+        {'image': batch['image'], 'label': batch['label'],
+         'mask': batch['ok'].astype(np.float32)}, local_batch)
+  for _ in range(done, num_batches):
+    yield input_pipeline.pad_batch(empty, local_batch)
+  if readable < num_examples:
+    logging.warning('imagenet2012 %s: %d unreadable images left out of the '
+                    'evaluation (mask 0); eval_examples counts the other %d.',
+                    ds_cfg.eval_split, num_examples - readable, readable)
+
+
+def create_data(config, *, local_batch: int, eval_local_batch: int) -> input_pipeline.Data:
+  """The paper's ImageNet pipelines for this process (see the module docstring)."""
+  ds_cfg = config.dataset
+  builder = prepare(config)
+  stats = load_stats(config, builder)
+  if stats.mean.ndim == 3 and stats.mean.shape[0] != ds_cfg.resize_size:
+    raise ValueError(f'Bad config: the mean image is {stats.mean.shape[0]} pixels '
+                     f'wide, dataset.resize_size is {ds_cfg.resize_size}')
+  train_split = tfds.split_for_jax_process(ds_cfg.train_split, drop_remainder=True)
+  num_train = builder.info.splits[train_split].num_examples
+  steps_per_epoch = num_train // local_batch
+  if steps_per_epoch == 0:
+    raise ValueError(f'{num_train} training examples per process cannot fill one '
+                     f'batch of {local_batch}')
+  eval_splits = tfds.even_splits(ds_cfg.eval_split, jax.process_count())
+  eval_counts = [builder.info.splits[s].num_examples for s in eval_splits]
+  eval_split = eval_splits[jax.process_index()]
+  num_eval_batches = math.ceil(max(eval_counts) / eval_local_batch)
+  return input_pipeline.Data(
+      train=lambda start: train_dataset(
+          config, builder, stats, split=train_split, local_batch=local_batch,
+          steps_per_epoch=steps_per_epoch, start_step=start),
+      eval=lambda: eval_batches(config, builder, stats, split=eval_split,
+                                local_batch=eval_local_batch,
+                                num_examples=eval_counts[jax.process_index()],
+                                num_batches=num_eval_batches),
+      steps_per_epoch=steps_per_epoch, num_train=num_train,
+      num_eval=eval_counts[jax.process_index()])

@@ -1,0 +1,52 @@
+"""Shared fixtures. Four simulated CPU devices for every test."""
+
+import os
+import sys
+
+# Must precede the first `import jax` anywhere in the test session.
+os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
+                           ' --xla_force_host_platform_device_count=4').strip()
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import importlib.util  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str):
+  path = os.path.join(REPO, 'configs', f'{name}.py')
+  spec = importlib.util.spec_from_file_location(f'configs_{name}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def tiny_fashion_config():
+  """The demo config shrunk to a network that trains in seconds."""
+  config = load_config('fashion_mnist')
+  config.model.features = (8, 16, 16, 16, 8)
+  config.model.fc_features = (32, 32)
+  config.global_batch_size = 32
+  config.eval_batch_size = 512
+  config.num_epochs = 1
+  config.log_every_steps = 10
+  config.checkpoint_every_steps = 10
+  config.progress_bar = False
+  return config
+
+
+@pytest.fixture
+def tiny_config():
+  return tiny_fashion_config()
+
+
+@pytest.fixture(scope='session')
+def fashion_arrays():
+  """The real Fashion-MNIST splits (prepared once by the tfds builder)."""
+  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_fashion_config()
+  return {'train': input_pipeline.load_arrays(config, 'train'),
+          'test': input_pipeline.load_arrays(config, 'test')}

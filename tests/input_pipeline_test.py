@@ -1,0 +1,105 @@
+"""Input ops, eagerly and inside tf.data; the IDX reader; determinism."""
+
+import gzip
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from alexnet_jax import fashion_mnist
+from alexnet_jax import input_pipeline
+
+
+def _origins(out, padded, h, w, p):
+  """For each output image, the (row, col, flipped) crop of `padded` it equals."""
+  result = []
+  for img in out[..., 0]:
+    found = [(r, c, f) for r in range(2 * p + 1) for c in range(2 * p + 1)
+             for f in (False, True)
+             if np.array_equal(padded[r:r + h, c:c + w][:, ::-1] if f
+                               else padded[r:r + h, c:c + w], img)]
+    assert len(found) == 1, 'output is not exactly one crop of the padded image'
+    result.append(found[0])
+  return result
+
+
+@pytest.mark.parametrize('in_tf_data', [False, True])
+def test_crop_and_flip_is_exact_and_in_range(in_tf_data):
+  b, h, w, p = 64, 6, 7, 2
+  # Distinct positive pixel values, so every crop position is identifiable.
+  image = np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w)
+  images = np.broadcast_to(image[None, :, :, None], (b, h, w, 1)).copy()
+  fn = lambda x: input_pipeline.crop_and_flip_batch(
+      x, tf.constant([3, 4], tf.int64), crop_padding=p, flip=True)
+  if in_tf_data:
+    out = next(iter(tf.data.Dataset.from_tensors(images).map(fn))).numpy()
+  else:
+    out = fn(tf.constant(images)).numpy()
+  assert out.shape == images.shape
+  origins = _origins(out, np.pad(image, p), h, w, p)  # zero padding, as the op
+  assert len(set(origins)) > 10  # offsets and flips vary across the batch
+  assert {f for _, _, f in origins} == {False, True}
+
+
+def test_crop_and_flip_is_deterministic_given_seed():
+  x = tf.random.uniform((16, 8, 8, 1), 0, 255, tf.int32, seed=1)
+  a = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
+  b = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
+  c = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 3], tf.int64), crop_padding=2, flip=True)
+  np.testing.assert_array_equal(a, b)
+  assert not np.array_equal(a, c)
+
+
+def test_train_stream_resumes_exactly(tiny_config):
+  rs = np.random.RandomState(0)
+  images = rs.randint(0, 255, (100, 28, 28, 1)).astype(np.uint8)
+  labels = np.arange(100, dtype=np.int32)
+  full = list(input_pipeline.train_dataset(tiny_config, images, labels, local_batch=32)
+              .take(7).as_numpy_iterator())
+  resumed = list(input_pipeline.train_dataset(tiny_config, images, labels, local_batch=32,
+                                              start_step=4).take(3).as_numpy_iterator())
+  for a, b in zip(full[4:], resumed):
+    np.testing.assert_array_equal(a['image'], b['image'])
+    np.testing.assert_array_equal(a['label'], b['label'])
+  # Each epoch (3 batches of 32 from 100) sees distinct examples.
+  epoch0 = np.concatenate([b['label'] for b in full[:3]])
+  assert len(set(epoch0.tolist())) == 96
+  assert not np.array_equal(full[0]['label'], full[3]['label'])  # reshuffled
+
+
+def test_eval_batches_pad_and_mask_every_example_once(tiny_config):
+  images = np.zeros((70, 28, 28, 1), np.uint8)
+  labels = np.arange(70, dtype=np.int32)
+  batches = list(input_pipeline.eval_batches(tiny_config, images, labels, local_batch=32))
+  assert [len(b['label']) for b in batches] == [32, 32, 32]
+  mask = np.concatenate([b['mask'] for b in batches])
+  got = np.concatenate([b['label'] for b in batches])[mask == 1]
+  np.testing.assert_array_equal(np.sort(got), labels)
+  assert mask.sum() == 70
+
+
+def test_idx_reader_and_content_check(tmp_path):
+  data = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+  raw = bytes([0, 0, 8, 3]) + b''.join(d.to_bytes(4, 'big') for d in data.shape) + data.tobytes()
+  path = tmp_path / 'x-idx3-ubyte.gz'
+  with gzip.open(path, 'wb') as f:
+    f.write(raw)
+  np.testing.assert_array_equal(fashion_mnist.read_idx(str(path)), data)
+  with pytest.raises(ValueError, match='truncated'):
+    fashion_mnist.parse_idx(raw[:-1])
+  # A folder with the right names but wrong content is rejected by hash.
+  for stem in fashion_mnist.CONTENT_SHA256:
+    with gzip.open(tmp_path / f'{stem}.gz', 'wb') as f:
+      f.write(raw)
+  with pytest.raises(ValueError, match='does not hold Fashion-MNIST'):
+    fashion_mnist.verify_folder(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match='apt-get install -y dataset-fashion-mnist'):
+    fashion_mnist.verify_folder(str(tmp_path / 'empty'))
+
+
+def test_real_fashion_mnist_loads(fashion_arrays):
+  (x_train, y_train), (x_test, y_test) = fashion_arrays['train'], fashion_arrays['test']
+  assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
+  assert np.bincount(y_train).tolist() == [6000] * 10
+  assert np.bincount(y_test).tolist() == [1000] * 10

@@ -1,0 +1,125 @@
+"""Model: parameter counts, shapes, LRN against torch, towers, initialisation."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from alexnet_jax import models
+from alexnet_jax import summary
+from conftest import load_config
+
+
+def test_paper_parameter_count_and_macs():
+  rows = summary.layer_table(load_config('paper'))
+  assert sum(r['params'] for r in rows) == 60_965_224
+  # Hand count: conv1 55*55*96*(11*11*3) + conv2 27*27*256*(5*5*48)
+  # + conv3 13*13*384*(3*3*256) + conv4 13*13*384*(3*3*192)
+  # + conv5 13*13*256*(3*3*192) + 9216*4096 + 4096*4096 + 4096*1000
+  expected = (55 * 55 * 96 * 363 + 27 * 27 * 256 * 1200 + 169 * 384 * 2304
+              + 169 * 384 * 1728 + 169 * 256 * 1728 + 9216 * 4096 + 4096 * 4096
+              + 4096 * 1000)
+  assert sum(r['macs'] for r in rows) == expected
+
+
+def test_paper_layer_output_shapes():
+  rows = {r['layer']: r['output_shape'] for r in summary.layer_table(load_config('paper'))}
+  assert rows == {
+      'conv1': (55, 55, 96), 'conv2': (27, 27, 256), 'conv3': (13, 13, 384),
+      'conv4': (13, 13, 384), 'conv5': (13, 13, 256), 'fc6': (4096,),
+      'fc7': (4096,), 'fc8': (1000,)}
+
+
+def test_single_tower_parameter_count_matches_torchvision_shape():
+  rows = summary.layer_table(load_config('single_tower'))
+  assert sum(r['params'] for r in rows) == 61_100_840
+  assert rows[0]['output_shape'] == (55, 55, 64)
+
+
+def test_summary_cli_prints_totals(capsys):
+  print(summary.format_table(summary.layer_table(load_config('paper'))))
+  last = capsys.readouterr().out.strip().splitlines()[-1]
+  assert last == 'total params: 60965224  MACs: 724406816'
+
+
+def _torch_lrn(x_BHWC, size, alpha, beta, k):
+  t = torch.from_numpy(np.asarray(x_BHWC)).permute(0, 3, 1, 2)
+  out = torch.nn.LocalResponseNorm(size, alpha=alpha, beta=beta, k=k)(t)
+  return out.permute(0, 2, 3, 1).numpy()
+
+
+@pytest.mark.parametrize('size', [5, 3, 4])
+def test_lrn_matches_torch_caffe_convention(size):
+  x = np.random.RandomState(0).randn(2, 5, 6, 16).astype(np.float32) * 20
+  ours = models.local_response_norm(jnp.asarray(x), size=size, k=2.0, alpha=1e-3,
+                                    beta=0.75, alpha_over_size=True)
+  np.testing.assert_allclose(ours, _torch_lrn(x, size, 1e-3, 0.75, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_paper_convention_is_torch_with_alpha_times_size():
+  # The paper's alpha multiplies the plain sum; torch divides alpha by n.
+  x = np.random.RandomState(1).randn(2, 4, 4, 12).astype(np.float32) * 30
+  ours = models.local_response_norm(jnp.asarray(x), size=5, k=2.0, alpha=1e-4, beta=0.75)
+  np.testing.assert_allclose(ours, _torch_lrn(x, 5, 5 * 1e-4, 0.75, 2.0), rtol=1e-5, atol=1e-6)
+
+
+def test_lrn_two_towers_normalise_each_half_alone():
+  x = np.random.RandomState(2).randn(2, 3, 3, 16).astype(np.float32) * 30
+  ours = models.local_response_norm(jnp.asarray(x), size=5, alpha=1e-3, beta=0.75,
+                                    alpha_over_size=True, towers=2)
+  halves = [_torch_lrn(h, 5, 1e-3, 0.75, 2.0) for h in np.split(x, 2, axis=-1)]
+  np.testing.assert_allclose(ours, np.concatenate(halves, -1), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('beta', [0.75, 0.6])
+def test_lrn_gradient_matches_torch_autograd(beta):
+  rs = np.random.RandomState(3)
+  x = rs.randn(2, 3, 4, 10).astype(np.float32) * 10
+  w = rs.randn(*x.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(models.local_response_norm(
+      v, size=5, alpha=1e-2, beta=beta, alpha_over_size=True) * w))(jnp.asarray(x))
+  t = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
+  out = torch.nn.LocalResponseNorm(5, alpha=1e-2, beta=beta, k=2.0)(t)
+  (out * torch.from_numpy(w.transpose(0, 3, 1, 2))).sum().backward()
+  np.testing.assert_allclose(grad, t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_conv_equals_torch_grouped_conv():
+  rs = np.random.RandomState(4)
+  x = rs.randn(2, 9, 9, 8).astype(np.float32)
+  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=True)
+  params = conv.init(jax.random.key(0), jnp.asarray(x))
+  ours = conv.apply(params, jnp.asarray(x))
+  kernel = np.asarray(params['params']['kernel'])  # HWIO, I = in / groups
+  ref = torch.nn.functional.conv2d(
+      torch.from_numpy(x.transpose(0, 3, 1, 2)),
+      torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
+      torch.from_numpy(np.array(params['params']['bias'])), padding=1, groups=2)
+  np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_paper_initialisation():
+  model = models.create_model(load_config('paper').model, 1000)
+  params = jax.jit(functools.partial(model.init, train=False))(
+      jax.random.key(0), jnp.zeros((1, 227, 227, 3)))['params']
+  for name in ('conv2', 'conv4', 'conv5', 'fc6', 'fc7'):
+    assert np.all(np.asarray(params[name]['bias']) == 1.0), name
+  for name in ('conv1', 'conv3', 'fc8'):
+    assert np.all(np.asarray(params[name]['bias']) == 0.0), name
+  w = np.asarray(params['fc6']['kernel'])
+  assert abs(w.mean()) < 1e-4 and abs(w.std() - 0.01) < 1e-4
+
+
+def test_dropout_only_in_training():
+  config = load_config('fashion_mnist')
+  model = models.create_model(config.model, 10)
+  x = jnp.ones((4, 28, 28, 1))
+  variables = model.init(jax.random.key(0), x, train=False)
+  a = model.apply(variables, x, train=False)
+  b = model.apply(variables, x, train=False)
+  c = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(1)})
+  np.testing.assert_array_equal(a, b)
+  assert not np.allclose(a, c)

@@ -1,0 +1,67 @@
+"""The paper's update rule against three steps computed by hand."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from alexnet_jax import optim
+
+
+def test_paper_rule_three_hand_computed_steps():
+  tx = optim.paper_momentum(momentum=0.9, weight_decay=0.0005)
+  w = {'kernel': jnp.array([1.0, -2.0])}
+  state = tx.init(w)
+  grads = [jnp.array([0.5, 0.1]), jnp.array([-0.2, 0.3]), jnp.array([0.0, -1.0])]
+  lrs = [0.1, 0.1, 0.01]  # lr cut before step 3: old velocity keeps its size
+  # By hand, element 0:
+  # v1 = -0.0005*0.1*1 - 0.1*0.5 = -0.05005            w1 = 0.94995
+  # v2 = 0.9*v1 - 0.0005*0.1*0.94995 - 0.1*(-0.2)
+  #    = -0.045045 - 0.0000474975 + 0.02 = -0.0250924975  w2 = 0.9248575025
+  # v3 = 0.9*v2 - 0.0005*0.01*0.9248575025 - 0 = -0.02258787...
+  # Element 1:
+  # v1 = 0.0001 - 0.01 = -0.0099                        w1 = -2.0099
+  # v2 = -0.00891 + 0.000100495 - 0.03 = -0.038809505    w2 = -2.048709505
+  # v3 = -0.0349285545 + 0.0000102435475 + 0.01 = -0.0249183109525
+  expected_w = [
+      [0.94995, -2.0099],
+      [0.9248575025, -2.048709505],
+      [0.9248575025 + (0.9 * -0.0250924975 - 0.0005 * 0.01 * 0.9248575025),
+       -2.048709505 - 0.0249183109525],
+  ]
+  for g, lr, want in zip(grads, lrs, expected_w):
+    updates, state = tx.update({'kernel': g}, state, w, learning_rate=lr)
+    w = optax.apply_updates(w, updates)
+    np.testing.assert_allclose(w['kernel'], want, rtol=1e-6)
+
+
+def test_lr_inside_velocity_differs_from_optax_sgd():
+  # optax.sgd scales the whole trace by the current lr; the paper does not.
+  w = {'k': jnp.array([1.0])}
+  g = {'k': jnp.array([1.0])}
+  paper = optim.paper_momentum(0.9, 0.0)
+  ps = paper.init(w)
+  u1, ps = paper.update(g, ps, w, learning_rate=1.0)
+  u2, _ = paper.update(g, ps, w, learning_rate=0.1)
+  # With lr 0.1 in step 2 the paper gives 0.9*(-1) - 0.1 = -1.0; an optax.sgd
+  # style trace scaled by the current lr would give -0.1*(0.9+1) = -0.19.
+  np.testing.assert_allclose(u2['k'], [-1.0], rtol=1e-6)
+  np.testing.assert_allclose(u1['k'], [-1.0], rtol=1e-6)
+
+
+def test_biases_are_not_decayed_by_default_mask():
+  tx = optim.paper_momentum(0.0, 0.5, decay_mask=optim.kernels_only)
+  w = {'conv': {'kernel': jnp.array([2.0]), 'bias': jnp.array([2.0])}}
+  zero = {'conv': {'kernel': jnp.array([0.0]), 'bias': jnp.array([0.0])}}
+  u, _ = tx.update(zero, tx.init(w), w, learning_rate=0.1)
+  np.testing.assert_allclose(u['conv']['kernel'], [-0.1])
+  np.testing.assert_allclose(u['conv']['bias'], [0.0])
+
+
+def test_one_cycle_schedule_peaks_at_base_lr():
+  from ml_collections import ConfigDict
+  cfg = ConfigDict({'name': 'one_cycle', 'warmup_fraction': 0.2, 'div_factor': 10.0,
+                    'final_div_factor': 100.0})
+  fn = optim.create_schedule(cfg, 1.0, 10, 100)
+  np.testing.assert_allclose(fn(0), 0.1, rtol=1e-6)
+  np.testing.assert_allclose(fn(20), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(fn(100), 0.01, rtol=1e-5)

@@ -1,0 +1,195 @@
+"""Training: device equivalence, evaluation counts, resume, failure messages."""
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.jax_utils
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import checkpointing
+from alexnet_jax import config_lib
+from alexnet_jax import input_pipeline
+from alexnet_jax import models
+from alexnet_jax import optim
+from alexnet_jax import train
+from conftest import REPO
+
+
+def _run_steps(config, batches, num_devices):
+  model = models.create_model(config.model, 10)
+  tx = optim.create_optimizer(config.optimizer)
+  schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 100, 100)
+  devices = jax.local_devices()[:num_devices]
+  step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
+                                    schedule=schedule, seed=0),
+                  axis_name=train.AXIS, devices=devices)
+  state = flax.jax_utils.replicate(train.create_train_state(config, model, tx), devices)
+  losses = []
+  for b in batches:
+    state, metrics = step(state, input_pipeline.shard(b, num_devices))
+    losses.append(float(metrics['train_loss'][0]))
+  return train.unreplicate(state), losses
+
+
+def test_one_and_four_devices_give_the_same_parameters(tiny_config, fashion_arrays):
+  assert jax.local_device_count() == 4
+  tiny_config.model.dropout_rate = 0.0  # dropout keys depend on the device index
+  images, labels = fashion_arrays['train']
+  batches = list(input_pipeline.train_dataset(tiny_config, images[:1000], labels[:1000],
+                                              local_batch=32).take(4).as_numpy_iterator())
+  s1, l1 = _run_steps(tiny_config, batches, 1)
+  s4, l4 = _run_steps(tiny_config, batches, 4)
+  np.testing.assert_allclose(l1, l4, rtol=1e-5)
+  assert int(s1.step) == int(s4.step) == 4
+  for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+  # The parameters did move, so the comparison is not between two initial states.
+  init = train.create_train_state(tiny_config, models.create_model(tiny_config.model, 10),
+                                  optim.create_optimizer(tiny_config.optimizer))
+  assert not np.allclose(init.params['fc8']['kernel'], s1.params['fc8']['kernel'])
+
+
+def test_evaluation_counts_every_example_with_padding(tiny_config, fashion_arrays):
+  images, labels = fashion_arrays['test']
+  images, labels = images[:1003], labels[:1003]  # 1003 = 3 * 320 + 43: a ragged end
+  model = models.create_model(tiny_config.model, 10)
+  state = train.create_train_state(tiny_config, model, optim.create_optimizer(tiny_config.optimizer))
+  tiny_config.eval_batch_size = 320
+  p_eval = jax.pmap(functools.partial(train.eval_step, model=model), axis_name=train.AXIS)
+  params = flax.jax_utils.replicate(state.params)
+  result = train.evaluate(p_eval, params, input_pipeline.eval_batches(
+      tiny_config, images, labels, local_batch=320), num_devices=4)
+  assert result['eval_examples'] == 1003
+  # Reference: the same network on all 1003 images at once, no padding.
+  x = (images.astype(np.float32) - np.array(tiny_config.dataset.mean)) / np.array(tiny_config.dataset.std)
+  logits = np.asarray(model.apply({'params': state.params}, jnp.asarray(x), train=False))
+  top1 = np.mean(np.argmax(logits, -1) != labels)
+  top5 = np.mean([l not in np.argsort(-row)[:5] for row, l in zip(logits, labels)])
+  np.testing.assert_allclose(result['eval_top1_error'], top1, atol=1e-6)
+  np.testing.assert_allclose(result['eval_top5_error'], top5, atol=1e-6)
+
+
+def test_short_real_data_run_learns(tiny_config, tmp_path):
+  tiny_config.max_train_steps = 150
+  tiny_config.log_every_steps = 25
+  tiny_config.schedule.name = 'constant'
+  tiny_config.schedule.base_lr = 0.02
+  results = train.train_and_evaluate(tiny_config, str(tmp_path))
+  lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
+  losses = [l['train_loss'] for l in lines if 'train_loss' in l]
+  assert losses[-1] < 0.6 * losses[0]
+  assert results['eval_examples'] == 10000
+  assert results['eval_top1_error'] < 0.5  # chance is 0.9
+  for name in ('results.json', 'curves.png', 'config.json'):
+    assert (tmp_path / name).exists(), name
+  assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
+
+
+def _main_cmd(workdir, *overrides):
+  return [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}',
+          '--config.model.features=(8,16,16,16,8)', '--config.model.fc_features=(32,32)',
+          '--config.global_batch_size=32', '--config.eval_batch_size=1000',
+          '--config.progress_bar=False', '--config.checkpoint_every_steps=10',
+          '--config.log_every_steps=5', '--config.max_eval_batches=1', *overrides]
+
+
+def _env():
+  env = dict(os.environ)
+  env['XLA_FLAGS'] = '--xla_force_host_platform_device_count=2'
+  return env
+
+
+def _final_params(workdir):
+  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  step = ckpt.latest_step()
+  restored = ckpt.manager.restore(step)
+  ckpt.close()
+  return step, restored['state']['params']
+
+
+def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path):
+  steps = '--config.max_train_steps=60'
+  interrupted, straight = tmp_path / 'interrupted', tmp_path / 'straight'
+  proc = subprocess.Popen(_main_cmd(interrupted, steps), cwd=REPO, env=_env(),
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  metrics = interrupted / 'metrics.jsonl'
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and any('"step": 15' in l for l in open(metrics)):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out
+  assert 'SIGTERM received: checkpoint saved at step' in out, out
+  stopped_at = int(out.split('checkpoint saved at step ')[1].split(';')[0])
+  assert 15 <= stopped_at < 60
+  assert checkpointing.Checkpointer(str(interrupted / 'checkpoints')).latest_step() == stopped_at
+  assert not (interrupted / 'results.json').exists()
+
+  out2 = subprocess.run(_main_cmd(interrupted, steps), cwd=REPO, env=_env(),
+                        capture_output=True, text=True, timeout=300)
+  assert out2.returncode == 0, out2.stderr
+  assert f'Resuming from the checkpoint at step {stopped_at}' in out2.stdout
+  subprocess.run(_main_cmd(straight, steps), cwd=REPO, env=_env(), check=True,
+                 capture_output=True, timeout=300)
+  step_a, params_a = _final_params(str(interrupted))
+  step_b, params_b = _final_params(str(straight))
+  assert step_a == step_b == 60
+  for a, b in zip(jax.tree.leaves(params_a), jax.tree.leaves(params_b)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  results = json.load(open(interrupted / 'results.json'))
+  assert results['step'] == 60
+
+
+def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
+  run = subprocess.run(_main_cmd(tmp_path, '--config.max_train_steps=10'), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  before = sorted(os.listdir(tmp_path / 'checkpoints'))
+  config_before = open(tmp_path / 'config.json').read()
+  run = subprocess.run(_main_cmd(tmp_path, '--config.max_train_steps=20',
+                                 '--config.model.fc_features=(64,64)'),
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 1
+  assert 'holds a checkpoint (step 10) of a different model' in run.stderr
+  assert 'fc6/kernel' in run.stderr and 'new --workdir' in run.stderr
+  assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
+  assert open(tmp_path / 'config.json').read() == config_before
+
+
+def test_mistyped_config_key_is_an_error(tmp_path):
+  run = subprocess.run(_main_cmd(tmp_path, '--config.optimiser.momentum=0.5'), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode != 0
+  assert 'optimiser' in run.stderr
+  assert not (tmp_path / 'checkpoints').exists()
+
+
+def test_batch_not_divisible_by_devices_is_a_clear_error(tiny_config):
+  tiny_config.global_batch_size = 30
+  with pytest.raises(ValueError, match='global_batch_size=30 is not divisible by the 4 devices'):
+    config_lib.validate(tiny_config, 4)
+  tiny_config.global_batch_size = 32
+  config_lib.validate(tiny_config, 4)
+  tiny_config.model.features = (8, 15, 16, 16, 8)
+  with pytest.raises(ValueError, match=r'features\[1\]=15'):
+    config_lib.validate(tiny_config, 4)
+
+
+def test_nan_loss_stops_without_saving_the_diverged_state(tiny_config, tmp_path):
+  tiny_config.schedule.base_lr = 1e6
+  tiny_config.max_train_steps = 30
+  tiny_config.checkpoint_every_steps = 1000
+  with pytest.raises(train.NonFiniteLossError, match='Lower --config.schedule.base_lr'):
+    train.train_and_evaluate(tiny_config, str(tmp_path))
+  ckpt_dir = tmp_path / 'checkpoints'
+  assert not ckpt_dir.exists() or not os.listdir(ckpt_dir)
