@@ -98,8 +98,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.eval_batch_size = 256
   c.num_epochs = 90
   c.num_devices = 0            # 0 = all local devices
+  # 2: each tower on its own device, as the paper's two GPUs (alexnet_jax/
+  # parallel.py); the devices form (data replica, tower) pairs.
+  c.model_parallel = 1
   c.log_every_steps = 100
-  c.eval_every_epochs = 1
+  c.eval_every_epochs = 1.0
   c.checkpoint_every_steps = 2000
   c.keep_checkpoints = 3
   c.progress_bar = True
@@ -134,6 +137,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f"model.pool_padding={m.pool_padding!r}; use 'VALID' or 'SAME'")
   if m.init not in ('paper', 'he'):
     fail(f"model.init={m.init!r}; use 'paper' or 'he'")
+  if config.model_parallel not in (1, 2):
+    fail(f'model_parallel={config.model_parallel}; use 1 or 2 (one tower per device)')
+  if config.model_parallel == 2:
+    if m.towers != 2:
+      fail(f'model_parallel=2 needs model.towers=2, got {m.towers}')
+    if num_devices % 2:
+      fail(f'model_parallel=2 needs an even number of devices, got {num_devices}')
+    if config.dataset.num_classes % 2:
+      fail(f'model_parallel=2 splits fc8 between the towers; dataset.num_classes='
+           f'{config.dataset.num_classes} is odd')
   for key in ('global_batch_size', 'eval_batch_size'):
     b = config[key]
     if b <= 0 or b % num_devices:

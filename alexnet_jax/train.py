@@ -245,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_train_steps:
     total_steps = min(total_steps, config.max_train_steps)
-  eval_every = max(1, int(config.eval_every_epochs * steps_per_epoch))
+  eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
   model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
   tx = optim.create_optimizer(config.optimizer)

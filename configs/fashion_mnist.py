@@ -24,7 +24,7 @@ def get_config():
   config.dataset.num_classes = 10
   config.dataset.train_split = 'train'
   config.dataset.eval_split = 'test'
-  config.dataset.crop_padding = 2
+  config.dataset.crop_padding = 1
   config.dataset.random_flip = True
   config.dataset.mean = (0.286 * 255,)
   config.dataset.std = (0.353 * 255,)

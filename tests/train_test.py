@@ -78,16 +78,16 @@ def test_evaluation_counts_every_example_with_padding(tiny_config, fashion_array
 
 
 def test_short_real_data_run_learns(tiny_config, tmp_path):
-  tiny_config.max_train_steps = 150
+  tiny_config.max_train_steps = 400  # the one-cycle warm-up peaks at step 281
   tiny_config.log_every_steps = 25
-  tiny_config.schedule.name = 'constant'
-  tiny_config.schedule.base_lr = 0.02
+  tiny_config.model.features = (16, 32, 32, 32, 32)
+  tiny_config.model.fc_features = (128, 128)
   results = train.train_and_evaluate(tiny_config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   losses = [l['train_loss'] for l in lines if 'train_loss' in l]
   assert losses[-1] < 0.6 * losses[0]
   assert results['eval_examples'] == 10000
-  assert results['eval_top1_error'] < 0.5  # chance is 0.9
+  assert results['eval_top1_error'] < 0.6  # chance is 0.9
   for name in ('results.json', 'curves.png', 'config.json'):
     assert (tmp_path / name).exists(), name
   assert any(f.startswith('events') for f in os.listdir(tmp_path / 'tensorboard'))
@@ -193,3 +193,30 @@ def test_nan_loss_stops_without_saving_the_diverged_state(tiny_config, tmp_path)
     train.train_and_evaluate(tiny_config, str(tmp_path))
   ckpt_dir = tmp_path / 'checkpoints'
   assert not ckpt_dir.exists() or not os.listdir(ckpt_dir)
+
+
+def test_plateau_divides_lr_by_ten_at_most_max_reductions_times(tiny_config, tmp_path):
+  tiny_config.schedule.name = 'plateau'
+  tiny_config.schedule.base_lr = 0.01
+  tiny_config.schedule.min_delta = 1.0  # no evaluation counts as an improvement
+  tiny_config.schedule.max_reductions = 2
+  tiny_config.max_train_steps = 40
+  tiny_config.eval_every_epochs = 10 * 32 / 60000  # every 10 steps
+  tiny_config.log_every_steps = 1
+  tiny_config.max_eval_batches = 1
+  train.train_and_evaluate(tiny_config, str(tmp_path))
+  lr = {r['step']: r['lr'] for r in map(json.loads, open(tmp_path / 'metrics.jsonl'))
+        if 'lr' in r}
+  # First eval (step 10) sets the best; evals at 20 and 30 each cut by 10; the
+  # one at 40 would be a third cut, beyond max_reductions.
+  np.testing.assert_allclose([lr[10], lr[11], lr[21], lr[31], lr[40]],
+                             [0.01, 0.01, 0.001, 0.0001, 0.0001], rtol=1e-5)
+
+
+def test_plateau_rule_unit():
+  from ml_collections import ConfigDict
+  cfg = ConfigDict({'name': 'plateau', 'min_delta': 0.01, 'patience': 2, 'max_reductions': 1})
+  p = train.Plateau(cfg)
+  assert [p.update(e) for e in (0.5, 0.45, 0.445, 0.44, 0.30, 0.299, 0.298, 0.2)] == [
+      False, False, False, True, False, False, False, False]
+  assert p.reductions == 1 and p.best == 0.2
