@@ -30,7 +30,7 @@ def get_config():
   config.dataset.std = (0.353 * 255,)
 
   config.model.towers = 2
-  config.model.features = (32, 64, 96, 96, 64)
+  config.model.features = (32, 64, 128, 128, 128)
   config.model.kernel_sizes = (5, 5, 3, 3, 3)
   # Like the paper's stride-4 conv1, conv1 downsamples at once: 28 -> 14 by
   # the conv, -> 7 by the first pool, -> 4 by the second, -> 2 by the third.
@@ -38,7 +38,7 @@ def get_config():
   config.model.conv1_stride = 2
   config.model.conv1_padding = 2
   config.model.pool_padding = 'SAME'
-  config.model.fc_features = (512, 512)
+  config.model.fc_features = (1024, 1024)
   config.model.init = 'he'
 
   config.optimizer.nesterov = True
@@ -46,7 +46,7 @@ def get_config():
   config.schedule.base_lr = 0.05
   config.global_batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 10
+  config.num_epochs = 11
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   return config
