@@ -137,13 +137,14 @@ def masked_counts(logits, labels, mask):
 
 
 def evaluate(p_eval_step, params, batches, num_devices: int,
-             max_batches: int = 0) -> dict[str, float]:
+             max_batches: int = 0, shard_fn=None) -> dict[str, float]:
   """Top-1/top-5 error over every example the iterator yields."""
+  shard_fn = shard_fn or (lambda b: input_pipeline.shard(b, num_devices))
   totals = None
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
       break
-    out = p_eval_step(params, input_pipeline.shard(batch, num_devices))
+    out = p_eval_step(params, shard_fn(batch))
     totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
   totals = jax.tree.map(lambda x: float(x[0]), jax.device_get(totals))
   n = totals['count']
@@ -273,30 +274,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return results
 
   writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
-  p_train_step = jax.pmap(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        seed=config.seed),
-      axis_name=AXIS, devices=devices, donate_argnums=(0,))
-  p_eval_step = jax.pmap(functools.partial(eval_step, model=model),
-                         axis_name=AXIS, devices=devices)
-  state = flax.jax_utils.replicate(state, devices)
+  if config.model_parallel == 2:
+    # The paper's split: device pairs hold one tower each (alexnet_jax/parallel.py).
+    from alexnet_jax import parallel  # pylint: disable=g-import-not-at-top
+    layout = parallel.Layout(num_devices, towers=2)
+    p_train_step = parallel.make_model_parallel_train_step(
+        model=model, layout=layout, tx=tx, schedule=schedule, seed=config.seed,
+        devices=devices)
+    p_eval_step = parallel.make_model_parallel_eval_step(
+        model=model, layout=layout, devices=devices)
+    state = parallel.state_to_devices(state, layout, devices)
+    shard_fn = lambda b: parallel.shard_batch(b, layout)
+    to_host = lambda s: parallel.state_from_devices(s, layout)
+  else:
+    p_train_step = jax.pmap(
+        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                          seed=config.seed),
+        axis_name=AXIS, devices=devices, donate_argnums=(0,))
+    p_eval_step = jax.pmap(functools.partial(eval_step, model=model),
+                           axis_name=AXIS, devices=devices)
+    state = flax.jax_utils.replicate(state, devices)
+    shard_fn = lambda b: input_pipeline.shard(b, num_devices)
+    to_host = unreplicate
 
   def save(step_state):
-    ckpt.save(unreplicate(step_state),
+    ckpt.save(to_host(step_state),
               {'plateau': plateau.state(),
                'elapsed_sec': prior_elapsed + time.time() - t_start})
 
   def run_eval(step_state, step):
     t0 = time.time()
     result = evaluate(p_eval_step, step_state.params, data.eval(), num_devices,
-                      config.max_eval_batches)
+                      config.max_eval_batches, shard_fn)
     result['epoch'] = step / steps_per_epoch
     writer.write(step, result)
     logging.info('step %d: %s (%.1fs)', step, result, time.time() - t0)
     return result, time.time() - t0
 
-  train_iter = (input_pipeline.shard(b, num_devices)
-                for b in data.train(start_step).as_numpy_iterator())
+  train_iter = (shard_fn(b) for b in data.train(start_step).as_numpy_iterator())
   train_iter = flax.jax_utils.prefetch_to_device(train_iter, 2, devices)
 
   progress = metric_writers.Progress(total_steps, start_step, bar=config.progress_bar,
@@ -370,6 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'train_images_per_sec': (max(trained - 1, 0) * config.global_batch_size / train_s
                                if train_s > 0 else 0.0),
       'num_devices': num_devices * jax.process_count(),
+      'model_parallel': config.model_parallel,
       'evaluated_prefix_only': bool(config.max_eval_batches),
   }
   if last_eval is not None:

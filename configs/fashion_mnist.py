@@ -6,7 +6,7 @@ The architecture keeps the paper's character: five convolutions of which
 conv2, conv4 and conv5 are grouped into two towers, local response
 normalisation after conv1 and conv2 (the paper's k, n, alpha, beta), overlapping
 3x3/2 max-pooling, and three fully connected layers with dropout 0.5. The
-paper's augmentation becomes random 28x28 crops of the image padded by 2 pixels,
+paper's augmentation becomes random 28x28 crops of the image zero-padded by 1 pixel,
 plus horizontal flips. Nesterov momentum with the paper's update rule and a
 one-cycle learning-rate schedule fit the short budget.
 
