@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 from absl import app
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -59,6 +60,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     raise app.UsageError('--config=configs/<name>.py is required')
   print(format_table(layer_table(_CONFIG.value)))

@@ -10,8 +10,9 @@ paper's augmentation becomes random 28x28 crops of the image zero-padded by 1 pi
 plus horizontal flips. Nesterov momentum with the paper's update rule and a
 one-cycle learning-rate schedule fit the short budget.
 
-Expected: about 92.5-93% test accuracy on the 10,000 test images, the whole run
-under 15 minutes on a 2-core CPU (see README for the measured figures).
+Measured on a 2-core CPU: 90.34% test accuracy on the 10,000 test images
+(top-5 99.86%), 13.5 minutes for the whole command including dataset
+preparation and compilation, 963 train images/s (README has the table).
 """
 
 from alexnet_jax import config_lib

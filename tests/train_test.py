@@ -157,11 +157,12 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
   config_before = open(tmp_path / 'config.json').read()
   run = subprocess.run(_main_cmd(tmp_path, '--config.max_train_steps=20',
-                                 '--config.model.fc_features=(64,64)'),
+                                 '--config.model.kernel_sizes=(5,5,3,3,5)'),
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
   assert run.returncode == 1
   assert 'holds a checkpoint (step 10) of a different model' in run.stderr
-  assert 'fc6/kernel' in run.stderr and 'new --workdir' in run.stderr
+  assert 'params/conv5/kernel: checkpoint (3, 3, 8, 8) vs model (5, 5, 8, 8)' in run.stderr, run.stderr[-3000:]
+  assert 'new --workdir' in run.stderr
   assert sorted(os.listdir(tmp_path / 'checkpoints')) == before
   assert open(tmp_path / 'config.json').read() == config_before
 
