@@ -1,19 +1,34 @@
 """Per-layer table of a config's network: output shape, parameters, multiply-adds.
 
   python -m alexnet_jax.summary --config=configs/paper.py
+  python -m alexnet_jax.summary --config=configs/paper.py --config.model_parallel=2
 
 Multiply-adds count the convolutions and fully connected layers (one per
 weight use), the convention of the paper's era and of torchvision's tables.
+
+After the table come the bytes each device holds and sends per training step
+for 2, 4 and 8 devices (`--devices` to choose others): data parallel
+(`model_parallel=1`, every device holds the whole model and all-reduces the
+whole gradient) or the paper's split (`model_parallel=2`, devices form tower
+pairs that exchange activations at the inputs of conv3, fc6, fc7 and fc8 and
+the logits, and all-reduce half the gradient across the pairs). Volumes are
+counted as a ring all-reduce sends them: 2 (R - 1) / R times the gradient
+bytes per device over R replicas; an all-gather between two towers sends a
+device's half of the activation forward and the partner's half of its
+gradient backward.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from absl import app
+from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_DEVICES = flags.DEFINE_list('devices', ['2', '4', '8'],
+                             'Device counts to show per-device memory and traffic for.')
 
 
 def layer_table(config) -> list[dict]:
@@ -43,7 +58,7 @@ def layer_table(config) -> list[dict]:
     fan_in = int(np.prod(kernel[:-1]))
     macs = int(np.prod(out_shape)) * fan_in
     rows.append({'layer': name, 'output_shape': out_shape, 'params': n_params,
-                 'macs': macs})
+                 'macs': macs, 'in_features': kernel[-2]})
   return rows
 
 
@@ -58,12 +73,75 @@ def format_table(rows: list[dict]) -> str:
   return '\n'.join(lines)
 
 
+def exchanged_features(config, rows: list[dict]) -> list[tuple[str, int]]:
+  """Per-image activations the towers all-gather: (where, values per image).
+
+  The inputs of conv3, of every dense layer, and the logits (fc8 is split by
+  output units like every layer; see alexnet_jax/parallel.py).
+  """
+  by_name = {r['layer']: r for r in rows}
+  h, w, _ = by_name['conv3']['output_shape']
+  # conv3 is stride 1 with "same" padding: its input has its output's size.
+  conv3_in = h * w * by_name['conv3']['in_features']
+  points = [('conv3 input', conv3_in)]
+  points += [(f'{r["layer"]} input', r['in_features']) for r in rows
+             if r['layer'].startswith('fc')]
+  points.append(('logits', config.dataset.num_classes))
+  return points
+
+
+def traffic(config, rows: list[dict], num_devices: int) -> dict:
+  """Bytes per device: parameters held, and sent per training step."""
+  towers = 2 if config.model_parallel == 2 else 1
+  if num_devices % towers:
+    raise ValueError(f'{num_devices} devices do not form tower pairs')
+  replicas = num_devices // towers
+  if config.global_batch_size % replicas:
+    raise ValueError(f'global batch {config.global_batch_size} does not divide '
+                     f'into {replicas} replicas')
+  per_replica = config.global_batch_size // replicas
+  act_bytes = {'float32': 4, 'bfloat16': 2, 'float16': 2}[config.dtype]
+  param_bytes = sum(r['params'] for r in rows) * 4 // towers  # float32 params
+  exchange = 0
+  if towers == 2:
+    per_image = sum(n for _, n in exchanged_features(config, rows))
+    # Forward: send my half; backward: send the partner's half of the gradient.
+    exchange = 2 * per_replica * (per_image // 2) * act_bytes
+  allreduce = 2 * (replicas - 1) * param_bytes // replicas
+  return {'devices': num_devices, 'towers': towers, 'replicas': replicas,
+          'param_bytes': param_bytes, 'tower_exchange_bytes': exchange,
+          'gradient_allreduce_bytes': allreduce}
+
+
+def format_traffic(config, rows: list[dict], device_counts: list[int]) -> str:
+  mb = lambda b: f'{b / 1e6:,.1f} MB'
+  lines = [f'\nper device, global batch {config.global_batch_size}, '
+           f'{config.dtype} activations, float32 parameters '
+           f'(optimiser state adds the same again for momentum):']
+  if config.model_parallel == 2:
+    points = ', '.join(f'{name} {n:,}' for name, n in exchanged_features(config, rows))
+    lines.append(f'tower exchange points (values per image): {points}')
+  lines.append(f'{"devices":>8}{"layout":>22}{"param bytes":>16}'
+               f'{"towers send":>16}{"all-reduce send":>18}')
+  for n in device_counts:
+    t = traffic(config, rows, n)
+    layout = (f'{t["replicas"]} pair(s) x 2 towers' if t['towers'] == 2
+              else f'{t["replicas"]} replicas')
+    lines.append(f'{n:>8}{layout:>22}{mb(t["param_bytes"]):>16}'
+                 f'{mb(t["tower_exchange_bytes"]):>16}'
+                 f'{mb(t["gradient_allreduce_bytes"]):>18}')
+  return '\n'.join(lines)
+
+
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
   if _CONFIG.value is None:
     raise app.UsageError('--config=configs/<name>.py is required')
-  print(format_table(layer_table(_CONFIG.value)))
+  config = _CONFIG.value
+  rows = layer_table(config)
+  print(format_table(rows))
+  print(format_traffic(config, rows, [int(n) for n in _DEVICES.value]))
 
 
 if __name__ == '__main__':

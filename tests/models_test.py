@@ -123,3 +123,72 @@ def test_dropout_only_in_training():
   c = model.apply(variables, x, train=True, rngs={'dropout': jax.random.key(1)})
   np.testing.assert_array_equal(a, b)
   assert not np.allclose(a, c)
+
+
+def _collectives(fn, num_devices, *args):
+  """(primitive name, input bytes, output bytes, groups) of every collective in fn."""
+  from jax._src import core  # pylint: disable=g-import-not-at-top
+  jaxpr = jax.make_jaxpr(fn, axis_env=[('batch', num_devices)])(*args)
+
+  def walk(j):
+    for eqn in j.eqns:
+      yield eqn
+      for sub in core.jaxprs_in_params(eqn.params):
+        yield from walk(sub)
+
+  nbytes = lambda v: int(np.prod(v.aval.shape)) * v.aval.dtype.itemsize
+  return [(e.primitive.name, sum(map(nbytes, e.invars)), sum(map(nbytes, e.outvars)),
+           e.params.get('axis_index_groups'))
+          for e in walk(jaxpr.jaxpr)
+          if e.primitive.name in ('all_gather', 'reduce_scatter', 'psum')]
+
+
+@pytest.mark.parametrize('num_devices', [2, 4])
+def test_summary_traffic_matches_the_model_parallel_step(num_devices):
+  """The summary's byte counts equal the collectives the real step runs."""
+  from alexnet_jax import optim  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import parallel  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
+  from conftest import tiny_fashion_config  # pylint: disable=g-import-not-at-top
+  config = tiny_fashion_config()
+  config.model_parallel = 2
+  config.global_batch_size = 16
+  model = models.create_model(config.model, config.dataset.num_classes)
+  tx = optim.create_optimizer(config.optimizer)
+  layout = parallel.Layout(num_devices, towers=2)
+  tower_state = parallel.split_state(train.create_train_state(config, model, tx), 2)[0]
+  per_replica = config.global_batch_size // layout.replicas
+  batch = {'image': np.zeros((per_replica, 28, 28, 1), np.float32),
+           'label': np.zeros((per_replica,), np.int32)}
+  step = functools.partial(parallel.model_parallel_train_step, model=model,
+                           layout=layout, tx=tx, schedule=lambda s: 0.1, seed=0)
+  ops = _collectives(step, num_devices, tower_state, batch)
+  # Two towers: an all-gather sends this device's input to the partner, the
+  # backward reduce-scatter sends the partner's half (the size of its output).
+  sent = (sum(i for name, i, _, _ in ops if name == 'all_gather')
+          + sum(o for name, _, o, _ in ops if name == 'reduce_scatter'))
+  replica_groups = tuple(map(tuple, layout.replica_groups))
+  grads = sum(i for name, i, _, g in ops
+              if name == 'psum' and g is not None and tuple(map(tuple, g)) == replica_groups)
+  expected = summary.traffic(config, summary.layer_table(config), num_devices)
+  assert sent == expected['tower_exchange_bytes'] > 0
+  assert grads == expected['param_bytes']
+  r = layout.replicas
+  assert expected['gradient_allreduce_bytes'] == 2 * (r - 1) * grads // r
+
+
+def test_summary_traffic_paper_model_by_hand():
+  config = load_config('paper')
+  config.model_parallel = 2
+  rows = summary.layer_table(config)
+  t = summary.traffic(config, rows, 2)
+  # Per image the towers exchange conv3's input 13*13*256, fc6's 6*6*256,
+  # fc7's and fc8's 4096 and the 1000 logits; each device sends half of each,
+  # forward and backward, for 128 images of 4 bytes.
+  assert t['tower_exchange_bytes'] == 2 * 128 * (
+      13 * 13 * 128 + 6 * 6 * 128 + 2048 + 2048 + 500) * 4
+  assert t['param_bytes'] == 60_965_224 * 4 // 2
+  config.model_parallel = 1
+  t = summary.traffic(config, rows, 8)
+  assert t['tower_exchange_bytes'] == 0
+  assert t['gradient_allreduce_bytes'] == 2 * 7 * 60_965_224 * 4 // 8
