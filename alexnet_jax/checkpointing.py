@@ -5,6 +5,11 @@ whatever device layout trained it, so a checkpoint restores into any layout.
 Before anything in a workdir is touched, a checkpoint there is compared leaf
 by leaf with the state the current config builds; a mismatch stops the run
 with a message instead of overwriting or mis-loading the old run.
+
+In a multi-process run every process calls `save` and `restore_latest` at the
+same steps (Orbax synchronises them); the host copies of the state are the
+same everywhere, and Orbax writes them from process 0 only. Every process
+reads them back on resume, so the workdir must be on storage all hosts see.
 """
 
 from __future__ import annotations

@@ -11,8 +11,9 @@ examples with mask 0, so every example is counted exactly once.
 
 from __future__ import annotations
 
-import os
 import dataclasses
+import math
+import os
 from typing import Callable, Iterator
 
 import jax
@@ -61,52 +62,70 @@ def load_arrays(config, split: str) -> tuple[np.ndarray, np.ndarray]:
   return images, labels.astype(np.int32)
 
 
-def process_slice(n: int) -> slice:
-  """The contiguous share of `n` examples read by this JAX process."""
-  per = n // jax.process_count()
-  start = jax.process_index() * per
-  return slice(start, start + per)
+def process_part(n: int, index: int, count: int) -> slice:
+  """Process `index`'s contiguous share of `n` examples split over `count`.
+
+  Shares differ by at most one example and together cover all `n`.
+  """
+  per, extra = divmod(n, count)
+  start = index * per + min(index, extra)
+  return slice(start, start + per + (index < extra))
 
 
 def _normalize(image, mean, std):
   return (tf.cast(image, tf.float32) - mean) / std
 
 
-def crop_and_flip_batch(images_BHWC, seed, *, crop_padding: int, flip: bool):
+def crop_and_flip_batch(images_BHWC, seed, *, crop_padding: int, flip: bool,
+                        part: tuple[int, int] = (0, 1)):
   """Random crops of the zero-padded images and horizontal flips, per example.
 
   Vectorised over the batch (two batched gathers), so the cost per example is
   a few memory copies rather than a few tf.data ops. `seed` is a stateless
   seed (shape [2]); the same seed gives the same crops and flips.
+
+  `part=(i, k)`: the images are the i-th of k equal parts of a batch, and get
+  the crops and flips they would get in the whole batch.
   """
   shape = tf.shape(images_BHWC)
   b, h, w = shape[0], shape[1], shape[2]
   p = crop_padding
+  index, count = part
+  mine = slice(index * b, (index + 1) * b)
   crop_seed, flip_seed = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
   if p:
     images_BHWC = tf.pad(images_BHWC, [[0, 0], [p, p], [p, p], [0, 0]])
-  offsets = tf.random.stateless_uniform([2, b], crop_seed, 0, 2 * p + 1, tf.int32)
+  offsets = tf.random.stateless_uniform([2, count * b], crop_seed, 0, 2 * p + 1,
+                                        tf.int32)[:, mine]
   rows = offsets[0][:, None] + tf.range(h)[None, :]
   cols = offsets[1][:, None] + tf.range(w)[None, :]
   if flip:
-    flipped = tf.random.stateless_uniform([b], flip_seed, 0, 2, tf.int32) > 0
+    flipped = tf.random.stateless_uniform([count * b], flip_seed, 0, 2, tf.int32)[mine] > 0
     cols = tf.where(flipped[:, None], tf.reverse(cols, [1]), cols)
   out = tf.gather(images_BHWC, rows, axis=1, batch_dims=1)
   return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
 def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
-                  local_batch: int, start_step: int = 0) -> tf.data.Dataset:
+                  local_batch: int, start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> tf.data.Dataset:
   """Infinite dataset of augmented training batches from in-memory arrays.
 
   Batch s is a pure function of (config.seed, s): epoch e's order is a
   stateless shuffle seeded by (seed, e) and batch s's augmentation is seeded
   by (seed, s), so resuming at `start_step` replays the same stream.
+
+  With `process_count` > 1 every process holds all the arrays and yields
+  its `local_batch` rows of each global batch of `local_batch *
+  process_count`, augmented as in the whole batch: the global stream, and so
+  the training, is the same for any number of processes.
   """
   n = len(images)
-  steps_per_epoch = n // local_batch
+  global_batch = local_batch * process_count
+  steps_per_epoch = n // global_batch
   if steps_per_epoch == 0:
-    raise ValueError(f'{n} training examples cannot fill one batch of {local_batch}')
+    raise ValueError(f'{n} training examples cannot fill one batch of {global_batch}')
+  mine = slice(process_index * local_batch, (process_index + 1) * local_batch)
   seed = tf.constant(config.seed, tf.int64)
   ds_cfg = config.dataset
   mean = tf.constant(ds_cfg.mean, tf.float32)
@@ -117,14 +136,16 @@ def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
   def epoch_batches(epoch):
     order = tf.random.experimental.stateless_shuffle(
         tf.range(n, dtype=tf.int64), seed=tf.stack([seed, epoch]))
-    index = tf.reshape(order[:steps_per_epoch * local_batch], [steps_per_epoch, local_batch])
+    index = tf.reshape(order[:steps_per_epoch * global_batch],
+                       [steps_per_epoch, global_batch])[:, mine]
     steps = epoch * steps_per_epoch + tf.range(steps_per_epoch, dtype=tf.int64)
     return tf.data.Dataset.from_tensor_slices((steps, index))
 
   def load(step, index):
     image = crop_and_flip_batch(
         tf.gather(images_t, index), tf.stack([seed, -1 - step]),
-        crop_padding=ds_cfg.crop_padding, flip=ds_cfg.random_flip)
+        crop_padding=ds_cfg.crop_padding, flip=ds_cfg.random_flip,
+        part=(process_index, process_count))
     return {'image': _normalize(image, mean, std), 'label': tf.gather(labels_t, index)}
 
   first_epoch, skip = divmod(start_step, steps_per_epoch)
@@ -138,16 +159,27 @@ def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
 
 
 def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
-                 local_batch: int) -> Iterator[Batch]:
-  """Every example once, the last batch padded; `mask` is 1 for real examples."""
+                 local_batch: int, num_batches: int = 0) -> Iterator[Batch]:
+  """Every example once, the last batch padded; `mask` is 1 for real examples.
+
+  With `num_batches`, batches of padding only (mask 0) follow up to that
+  many, so that processes with different shares take part in the same
+  number of cross-device evaluation steps.
+  """
   ds_cfg = config.dataset
   mean = np.asarray(ds_cfg.mean, np.float32)
   std = np.asarray(ds_cfg.std, np.float32)
   ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(local_batch)
   ds = ds.map(lambda x, y: (_normalize(x, mean, std), y)).prefetch(2)
+  done = 0
   for x, y in ds.as_numpy_iterator():
+    done += 1
     yield pad_batch({'image': x, 'label': y, 'mask': np.ones(len(y), np.float32)},
                     local_batch)
+  empty = {'image': np.zeros((0,) + images.shape[1:], np.float32),
+           'label': np.zeros((0,), labels.dtype), 'mask': np.zeros((0,), np.float32)}
+  for _ in range(done, num_batches):
+    yield pad_batch(empty, local_batch)
 
 
 def pad_batch(batch: Batch, size: int) -> Batch:
@@ -178,18 +210,22 @@ class Data:
 def create_data(config, *, local_batch: int, eval_local_batch: int) -> Data:
   """The train/eval pipelines of `config.dataset.name`."""
   if config.dataset.name == 'fashion_mnist':
+    # Training: every process keeps the whole (small) training set and takes
+    # its rows of each global batch. Evaluation: each process its own share.
     train_images, train_labels = load_arrays(config, config.dataset.train_split)
     eval_images, eval_labels = load_arrays(config, config.dataset.eval_split)
-    part = process_slice(len(train_images))
-    train_images, train_labels = train_images[part], train_labels[part]
-    part = process_slice(len(eval_images)) if jax.process_count() > 1 else slice(None)
+    index, count = jax.process_index(), jax.process_count()
+    largest_share = math.ceil(len(eval_images) / count)
+    part = process_part(len(eval_images), index, count)
     eval_images, eval_labels = eval_images[part], eval_labels[part]
     return Data(
         train=lambda start: train_dataset(config, train_images, train_labels,
-                                          local_batch=local_batch, start_step=start),
+                                          local_batch=local_batch, start_step=start,
+                                          process_index=index, process_count=count),
         eval=lambda: eval_batches(config, eval_images, eval_labels,
-                                  local_batch=eval_local_batch),
-        steps_per_epoch=len(train_images) // local_batch,
+                                  local_batch=eval_local_batch,
+                                  num_batches=math.ceil(largest_share / eval_local_batch)),
+        steps_per_epoch=len(train_images) // (local_batch * count),
         num_train=len(train_images), num_eval=len(eval_images))
   if config.dataset.name == 'imagenet2012':
     from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top

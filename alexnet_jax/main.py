@@ -3,6 +3,10 @@
 Any config key can be overridden with --config.<key>=<value>; the config is
 locked, so a mistyped key is an error. Without --config the Fashion-MNIST demo
 runs. Re-running the same command resumes from the newest checkpoint.
+
+Several processes (hosts, or GPUs of one machine) train one model together
+when started by `python -m launch.local`, by `srun` (launch/slurm.sbatch), or
+with --coordinator_address, --num_processes and --process_id on every host.
 """
 
 import os
@@ -22,12 +26,22 @@ config_flags.DEFINE_config_file(
     'config', DEFAULT_CONFIG, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Run folder: checkpoints, metrics, results. Default runs/<config name>.')
+# Multi-process runs (alexnet_jax/distributed.py); under SLURM none is needed.
+flags.DEFINE_string('coordinator_address', None,
+                    'HOST:PORT of process 0 in a multi-process run '
+                    '(env ALEXNET_COORDINATOR).')
+flags.DEFINE_integer('num_processes', None,
+                     'Number of processes of the run (env ALEXNET_NUM_PROCESSES).')
+flags.DEFINE_integer('process_id', None,
+                     'This process, 0 to num_processes-1 (env ALEXNET_PROCESS_ID).')
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   # Imported here so that --help stays fast and TF sees its settings first.
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
   from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top
   input_pipeline.configure_tensorflow()
@@ -39,6 +53,10 @@ def main(argv):
           flags.FLAGS['config'])))[0])
   logging.info('workdir: %s', os.path.abspath(workdir))
   try:
+    # Before anything touches a device: the processes must meet first.
+    distributed.initialize(distributed.resolve(
+        flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+        flags.FLAGS.process_id))
     results = train.train_and_evaluate(config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError) as e:
     # Known failure modes carry a message that says what to do.
@@ -47,7 +65,8 @@ def main(argv):
   summary = {k: results[k] for k in ('step', 'eval_top1_error', 'eval_top5_error',
                                      'eval_examples', 'wall_time_sec')
              if k in results}
-  print(f'\nResults in {os.path.abspath(workdir)}: {summary}')
+  if jax.process_index() == 0:
+    print(f'\nResults in {os.path.abspath(workdir)}: {summary}')
 
 
 if __name__ == '__main__':

@@ -1,7 +1,10 @@
 """Training and evaluation: the pmap-ed step, the loop, checkpoints, outputs.
 
 Everything that crosses devices goes through the named axis `AXIS`
-(`lax.pmean` / `lax.psum`), so the same step runs on 1 device or many.
+(`lax.pmean` / `lax.psum`), so the same step runs on 1 device or many. With
+several processes (alexnet_jax/distributed.py) the pmaps span the devices of
+all of them, each process feeds its own devices, and process 0 alone writes
+the outputs.
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ class StopSignal:
 
 
 def select_devices(config) -> list:
+  """This process's devices: all local ones, or the first `num_devices`."""
   devices = jax.local_devices()
   if config.num_devices:
     if config.num_devices > len(devices):
@@ -220,6 +224,55 @@ def select_devices(config) -> list:
           '--xla_force_host_platform_device_count=N)')
     devices = devices[:config.num_devices]
   return devices
+
+
+def global_devices(num_local: int) -> list:
+  """The first `num_local` devices of every process, in process order.
+
+  A pmap over these spans all processes (given only the local devices, each
+  process would train a model of its own); each process passes the data of
+  its own `num_local` devices.
+  """
+  devices = []
+  for p in range(jax.process_count()):
+    local = jax.local_devices(process_index=p)
+    if len(local) < num_local:
+      raise ValueError(
+          f'Process {p} has {len(local)} devices, process {jax.process_index()} '
+          f'uses {num_local}: every process needs the same number of devices '
+          '(set --config.num_devices to the smallest count)')
+    devices += local[:num_local]
+  return devices
+
+
+class StopAgreement:
+  """Makes all processes stop at the same step when any of them is signalled.
+
+  Each step every process votes (the signal it received, or 0) in a tiny
+  all-reduce; the outcome is read one step later, so the host does not wait
+  for the step it has just dispatched. Every process reads the same outcome
+  at the same step, so all of them save the same checkpoint and stop.
+  With a single process the local signal decides at once.
+  """
+
+  def __init__(self, devices: list, num_local: int):
+    self._votes = []
+    self._num_local = num_local
+    self._vote = None
+    if jax.process_count() > 1:
+      self._vote = jax.pmap(lambda x: jax.lax.pmax(x, AXIS), axis_name=AXIS,
+                            devices=devices)
+
+  def __call__(self, received: str | None) -> str | None:
+    """The signal name all processes stop for after this step, or None."""
+    if self._vote is None:
+      return received
+    signum = signal.Signals[received].value if received else 0
+    self._votes.append(self._vote(np.full((self._num_local,), signum, np.int32)))
+    if len(self._votes) < 2:
+      return None
+    agreed = int(self._votes.pop(0)[0])
+    return signal.Signals(agreed).name if agreed else None
 
 
 def _host_metrics(history: list[dict]) -> dict[str, float]:
@@ -233,9 +286,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   Returns the final results (also written to `workdir/results.json`), or the
   partial results with `'stopped_by'` set when a signal ended the run early.
   """
-  devices = select_devices(config)
+  devices = select_devices(config)  # this process's: they take its data
   num_devices = len(devices)
-  config_lib.validate(config, num_devices * jax.process_count())
+  all_devices = global_devices(num_devices)  # what the pmaps span
+  config_lib.validate(config, len(all_devices))
   local_batch = config.global_batch_size // jax.process_count()
   eval_local_batch = config.eval_batch_size // jax.process_count()
   os.makedirs(workdir, exist_ok=True)
@@ -262,7 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if restored is not None:
     state, host_state = restored
     print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
-  checkpointing.write_config(config, workdir)
+  chief = jax.process_index() == 0  # the only process that writes outputs
+  if chief:
+    checkpointing.write_config(config, workdir)
   plateau = Plateau(config.schedule, host_state.get('plateau'))
   prior_elapsed = float(host_state.get('elapsed_sec', 0.0))
   start_step = int(state.step)
@@ -273,26 +329,36 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if results:
       return results
 
-  writer = metric_writers.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  writer = metric_writers.MetricWriter(workdir, enabled=chief)
   if config.model_parallel == 2:
     # The paper's split: device pairs hold one tower each (alexnet_jax/parallel.py).
     from alexnet_jax import parallel  # pylint: disable=g-import-not-at-top
-    layout = parallel.Layout(num_devices, towers=2)
+    if num_devices % 2:
+      raise ValueError(
+          f'Bad config: model_parallel=2 with {num_devices} device(s) per process; '
+          'the two towers of a data replica must be devices of the same process. '
+          'Give every process an even number of devices (launch/local.py '
+          '--devices_per_process=2; under SLURM one task per node, see '
+          'launch/slurm.sbatch)')
+    # Pairs never straddle processes: `all_devices` lists each process's
+    # devices together, an even number of them.
+    layout = parallel.Layout(len(all_devices), towers=2)
+    local_layout = parallel.Layout(num_devices, towers=2)
     p_train_step = parallel.make_model_parallel_train_step(
         model=model, layout=layout, tx=tx, schedule=schedule, seed=config.seed,
-        devices=devices)
+        devices=all_devices)
     p_eval_step = parallel.make_model_parallel_eval_step(
-        model=model, layout=layout, devices=devices)
-    state = parallel.state_to_devices(state, layout, devices)
-    shard_fn = lambda b: parallel.shard_batch(b, layout)
-    to_host = lambda s: parallel.state_from_devices(s, layout)
+        model=model, layout=layout, devices=all_devices)
+    state = parallel.state_to_devices(state, local_layout, devices)
+    shard_fn = lambda b: parallel.shard_batch(b, local_layout)
+    to_host = lambda s: parallel.state_from_devices(s, local_layout)
   else:
     p_train_step = jax.pmap(
         functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                           seed=config.seed),
-        axis_name=AXIS, devices=devices, donate_argnums=(0,))
+        axis_name=AXIS, devices=all_devices, donate_argnums=(0,))
     p_eval_step = jax.pmap(functools.partial(eval_step, model=model),
-                           axis_name=AXIS, devices=devices)
+                           axis_name=AXIS, devices=all_devices)
     state = flax.jax_utils.replicate(state, devices)
     shard_fn = lambda b: input_pipeline.shard(b, num_devices)
     to_host = unreplicate
@@ -315,7 +381,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   train_iter = flax.jax_utils.prefetch_to_device(train_iter, 2, devices)
 
   progress = metric_writers.Progress(total_steps, start_step, bar=config.progress_bar,
-                                     chief=jax.process_index() == 0)
+                                     chief=chief)
+  agree_to_stop = StopAgreement(all_devices, num_devices)
   history, last_eval, stopped_by = [], None, None
   compile_s, excluded_s, t_start = 0.0, 0.0, time.time()
   step = start_step
@@ -333,6 +400,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       history.append(metrics)
       step += 1
       progress.update(step)
+      stopped_by = agree_to_stop(stop.received)
 
       if step % config.log_every_steps == 0 or step == total_steps:
         summary = _host_metrics(history)
@@ -362,11 +430,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
               jnp.float32(new_scale), devices))
           progress.note(f'validation error stopped improving: lr x{new_scale:g}')
       if (step % config.checkpoint_every_steps == 0 or step == total_steps
-          or stop.received):
+          or stopped_by):
         save(state)
       excluded_s += time.time() - t_pause
-      if stop.received:
-        stopped_by = stop.received
+      if stopped_by:
         progress.note(f'{stopped_by} received: checkpoint saved at step {step}; '
                       'run the same command again to resume.')
         break
@@ -384,7 +451,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       'compile_sec': compile_s,
       'train_images_per_sec': (max(trained - 1, 0) * config.global_batch_size / train_s
                                if train_s > 0 else 0.0),
-      'num_devices': num_devices * jax.process_count(),
+      'num_devices': len(all_devices),
       'model_parallel': config.model_parallel,
       'evaluated_prefix_only': bool(config.max_eval_batches),
   }
@@ -393,7 +460,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                     ('eval_top1_error', 'eval_top5_error', 'eval_loss', 'eval_examples')})
   if stopped_by:
     results['stopped_by'] = stopped_by
-  elif jax.process_index() == 0:
+  elif chief:
     checkpointing.write_json(os.path.join(workdir, 'results.json'), results)
     metric_writers.plot_curves(workdir)
   writer.close()

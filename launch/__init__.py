@@ -1,0 +1,1 @@
+"""Launchers: several processes on one machine (local.py), SLURM (slurm.sbatch)."""
