@@ -192,3 +192,32 @@ def test_summary_traffic_paper_model_by_hand():
   t = summary.traffic(config, rows, 8)
   assert t['tower_exchange_bytes'] == 0
   assert t['gradient_allreduce_bytes'] == 2 * 7 * 60_965_224 * 4 // 8
+
+
+@pytest.mark.parametrize('shape,padding', [((2, 13, 13, 8), 'VALID'), ((2, 14, 14, 8), 'SAME'),
+                                           ((2, 7, 7, 4), 'SAME')])
+def test_max_pool_matches_flax_values_and_gradients_with_ties(shape, padding):
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  rs = np.random.RandomState(4)
+  x = np.maximum(rs.randn(*shape), 0).astype(np.float32)  # ReLU zeros tie
+  x[0, :4, :4] = 1.0  # and so do these
+  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
+  ours = lambda x: models.max_pool(x, 3, 2, padding)
+  y = ref(jnp.asarray(x))
+  np.testing.assert_array_equal(ours(jnp.asarray(x)), y)
+  g = jnp.asarray(rs.randn(*y.shape).astype(np.float32))
+  grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(jnp.asarray(x))
+  np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-6, atol=1e-6)
+
+
+def test_add_bias_gradient_is_the_sum_over_leading_axes():
+  rs = np.random.RandomState(5)
+  y = jnp.asarray(rs.randn(3, 5, 6, 4).astype(np.float32))
+  b = jnp.asarray(rs.randn(4).astype(np.float32))
+  g = jnp.asarray(rs.randn(3, 5, 6, 4).astype(np.float32))
+  dy, db = jax.grad(lambda y, b: jnp.sum(models.add_bias(y, b) * g), argnums=(0, 1))(y, b)
+  np.testing.assert_allclose(models.add_bias(y, b), y + b)
+  np.testing.assert_allclose(dy, g)
+  np.testing.assert_allclose(db, g.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
+  db16 = jax.grad(lambda b: jnp.sum(models.add_bias(y.astype(jnp.bfloat16), b)))(b)
+  assert db16.dtype == jnp.float32

@@ -1,0 +1,167 @@
+"""Train-step benchmark: the PyTorch twin, the FLOP count, the CLI, XLA defaults."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from alexnet_jax import models
+from alexnet_jax import xla_flags
+from alexnet_jax.benchmarks import torch_alexnet
+from alexnet_jax.benchmarks import train_step
+from conftest import tiny_fashion_config
+
+
+def tiny_single_tower_config():
+  """A single-tower network shaped like configs/single_tower.py, 67x67 input."""
+  config = tiny_fashion_config()
+  config.dataset.image_size = 67
+  config.dataset.mean = (120.0, 115.0, 100.0)
+  config.dataset.std = (60.0, 60.0, 60.0)
+  config.model.towers = 1
+  config.model.features = (4, 8, 8, 8, 4)
+  config.model.kernel_sizes = (11, 5, 3, 3, 3)
+  config.model.conv1_stride = 4
+  config.model.conv1_padding = 2
+  config.model.pool_padding = 'VALID'
+  config.model.fc_features = (16, 16)
+  config.model.lrn.alpha_over_size = True
+  config.model.lrn.alpha = 0.05  # large enough that the LRN changes the result
+  return config
+
+
+def _flax_and_torch_logits(config, tower_mode, lrn_impl):
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  size, channels = config.dataset.image_size, len(config.dataset.mean)
+  x = np.random.RandomState(0).randn(3, size, size, channels).astype(np.float32) * 3
+  shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, jnp.asarray(x),
+                                             train=False))['params']
+  # Random weights large enough that every layer (and the LRN) matters.
+  rs = np.random.RandomState(1)
+  params = jax.tree.map(
+      lambda s: jnp.asarray(rs.randn(*s.shape).astype(np.float32)
+                            / np.sqrt(np.prod(s.shape[:-1]))), shapes)
+  ours = np.asarray(jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))(
+      params, jnp.asarray(x)))
+  net = torch_alexnet.TorchAlexNet(config.model, config.dataset.num_classes, channels,
+                                   size, tower_mode=tower_mode, lrn_impl=lrn_impl)
+  net.load_flax_params(params)
+  net.eval()
+  with torch.no_grad():
+    theirs = net(torch.from_numpy(x.transpose(0, 3, 1, 2).copy())).numpy()
+  return ours, theirs
+
+
+@pytest.mark.parametrize('tower_mode,lrn_impl', [('groups', 'fast'), ('split', 'module')])
+def test_torch_twin_matches_two_tower_flax_logits(tower_mode, lrn_impl):
+  # The demo network shrunk: two towers, LRN (paper's convention), SAME pooling.
+  config = tiny_fashion_config()
+  config.model.lrn.alpha = 0.01  # large enough that the LRN changes the result
+  ours, theirs = _flax_and_torch_logits(config, tower_mode, lrn_impl)
+  assert np.abs(ours).max() > 1e-2
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+
+def test_torch_twin_matches_single_tower_flax_logits():
+  ours, theirs = _flax_and_torch_logits(tiny_single_tower_config(), 'groups', 'fast')
+  assert np.abs(ours).max() > 1e-2
+  np.testing.assert_allclose(theirs, ours, rtol=1e-4, atol=1e-4 * np.abs(ours).max())
+
+
+def test_torch_paper_momentum_is_the_paper_rule():
+  w = torch.nn.Parameter(torch.tensor([1.0, -2.0]))
+  b = torch.nn.Parameter(torch.tensor([0.5]))
+  opt = torch_alexnet.PaperMomentum([w], [b], lr=0.1, momentum=0.9, weight_decay=0.01)
+  v_w, v_b, w_ref, b_ref = np.zeros(2), np.zeros(1), np.array([1.0, -2.0]), np.array([0.5])
+  for g_w, g_b in (([0.3, 0.1], [1.0]), ([-0.2, 0.4], [0.5])):
+    w.grad, b.grad = torch.tensor(g_w), torch.tensor(g_b)
+    opt.step()
+    v_w = 0.9 * v_w - 0.01 * 0.1 * w_ref - 0.1 * np.array(g_w)
+    v_b = 0.9 * v_b - 0.1 * np.array(g_b)  # biases: no weight decay
+    w_ref, b_ref = w_ref + v_w, b_ref + v_b
+  np.testing.assert_allclose(w.detach().numpy(), w_ref, rtol=1e-6)
+  np.testing.assert_allclose(b.detach().numpy(), b_ref, rtol=1e-6)
+
+
+def test_train_flops_are_six_times_the_hand_counted_macs():
+  # conv1 16x16x4 outputs x 11*11*3, pool -> 7; conv2 7x7x8 x 5*5*4, pool -> 3;
+  # conv3 3x3x8 x 3*3*8; conv4 the same; conv5 3x3x4 x 3*3*8, pool -> 1;
+  # fc6 4 -> 16, fc7 16 -> 16, fc8 16 -> 10.
+  macs = (16 * 16 * 4 * 363 + 49 * 8 * 100 + 9 * 8 * 72 + 9 * 8 * 72 + 9 * 4 * 72
+          + 4 * 16 + 16 * 16 + 16 * 10)
+  assert train_step.train_flops_per_image(tiny_single_tower_config()) == 6 * macs
+
+
+def test_benchmark_writes_every_figure(tmp_path, capsys):
+  out = tmp_path / 'result.json'
+  config = _fashion_small()
+  train_step.benchmark_and_write(config, 'fashion_mnist', str(out), reps=1, steps=1,
+                                 warmup=1, gemm_size=128)
+  assert 'PyTorch' in capsys.readouterr().out
+  r = json.loads(out.read_text())
+  for key in ('jax', 'torch'):
+    assert r['images_per_sec'][key] > 0
+    assert r['achieved_flops_per_sec'][key] > 0
+    assert r['mfu'][key] > 0
+    assert r['epoch_sec'][key] > 0
+  assert r['jax_vs_torch'] > 0 and r['compile_sec'] > 0
+  assert r['gemm_peak']['float32']['peak_flops_per_sec'] > 0
+  assert r['memory_mib']['process_max_rss_mib'] > 0
+  assert r['memory_mib']['xla_temp_mib'] > 0
+  assert r['train_flops_per_image'] == train_step.train_flops_per_image(config)
+  assert r['steps_per_epoch'] == 60_000 // 16
+  assert set(r['targets']) == {'jax >= 1.0x torch images/s'}
+
+
+def _fashion_small():
+  config = tiny_fashion_config()
+  config.model.features = (8, 16, 16, 16, 8)
+  config.model.fc_features = (32, 32)
+  config.global_batch_size = 16
+  return config
+
+
+def test_xla_defaults_never_override_the_users_flags():
+  assert xla_flags.with_cpu_defaults('') == (
+      '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
+  mine = '--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type='
+  assert xla_flags.with_cpu_defaults(mine) == mine
+
+
+def _all_eqns(jaxpr):
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (list, tuple)) else [value]):
+        inner = getattr(sub, 'jaxpr', sub)
+        if hasattr(inner, 'eqns'):
+          yield from _all_eqns(inner)
+
+
+def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn():
+  config = tiny_fashion_config()
+  config.dtype = 'bfloat16'
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  x = jnp.ones((2, 28, 28, 1), jnp.float32)
+  params = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, x,
+                                             train=False))['params']
+  assert {p.dtype for p in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
+
+  def loss(params):
+    return model.apply({'params': params}, x, train=True,
+                       rngs={'dropout': jax.random.key(1)}).sum()
+
+  eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
+  convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
+  dots = [e for e in eqns if e.primitive.name == 'dot_general']
+  sums = [e for e in eqns if e.primitive.name.startswith('reduce_window')]
+  assert convs and dots and sums
+  for e in convs + dots:  # forward and both gradients
+    assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
+  for e in sums:  # the LRN's windowed sums of squares (and of its backward)
+    assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.float32)}, e
+  grads = jax.eval_shape(jax.grad(loss), params)
+  assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
