@@ -1,4 +1,4 @@
-"""Train-step benchmark: the PyTorch twin, the FLOP count, the CLI, XLA defaults."""
+"""Train-step benchmark: the PyTorch twin, the FLOP count, the JSON, XLA defaults, bf16."""
 
 import json
 
