@@ -39,6 +39,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax import input_pipeline
+from alexnet_jax.input_pipeline import center_crop, crop, ten_crops  # pylint: disable=g-importing-member
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
@@ -203,11 +204,6 @@ def crop_offsets(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
   return tf.random.stateless_uniform([2], seed, 0, full - size + 1, tf.int32)
 
 
-def crop(image: tf.Tensor, offsets: tf.Tensor, size: int) -> tf.Tensor:
-  """The size x size patch of an (H, W, C) image at (row, col) `offsets`."""
-  return tf.slice(image, tf.concat([offsets, [0]], 0), [size, size, -1])
-
-
 def random_flip(image: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   """Mirrors an (H, W, C) image left-right with probability 1/2."""
   flip = tf.random.stateless_uniform([], seed, 0, 2, tf.int32) > 0
@@ -255,22 +251,6 @@ def pca_lighting(image: tf.Tensor, seed: tf.Tensor, eigval: tf.Tensor,
                  eigvec: tf.Tensor, std: float) -> tf.Tensor:
   """Adds one random RGB offset along the principal components to every pixel."""
   return add_per_channel(image, pca_offset(pca_alphas(seed, std), eigval, eigvec))
-
-
-def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """The central size x size patch of an (H, W, C) image."""
-  shape = tf.shape(image)
-  return crop(image, tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2]), size)
-
-
-def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
-  """(10, size, size, C): the four corners, the centre, then their mirror images."""
-  shape = tf.shape(image)
-  bottom, right = shape[0] - size, shape[1] - size
-  corners = [crop(image, tf.stack([r, c]), size)
-             for r, c in ((0, 0), (0, right), (bottom, 0), (bottom, right))]
-  five = tf.stack(corners + [center_crop(image, size)])
-  return tf.concat([five, tf.reverse(five, [2])], 0)
 
 
 def train_image(jpeg: tf.Tensor, seed: tf.Tensor, *, mean: tf.Tensor,
@@ -472,26 +452,30 @@ def train_dataset(config, builder, stats: Stats, *, split, local_batch: int,
 
 
 def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
-                 num_examples: int, num_batches: int) -> Iterator[input_pipeline.Batch]:
+                 num_examples: int, num_batches: int,
+                 crops: str = '') -> Iterator[input_pipeline.Batch]:
   """Every example of `split` once; mask 0 marks padding and unreadable images.
+
+  crops: 'ten' or 'center'; '' = config.dataset.eval_crops.
 
   Yields exactly `num_batches` batches (padding with empty ones), so that all
   processes take part in the same number of cross-device eval steps.
   """
   ds_cfg = config.dataset
+  crops = crops or ds_cfg.eval_crops
   mean = tf.constant(stats.mean)
 
   def decode_and_crop(ex):
     image = eval_image(center_square_resize(ex['jpeg'], ds_cfg.resize_size),
-                       mean=mean, size=ds_cfg.image_size, crops=ds_cfg.eval_crops)
+                       mean=mean, size=ds_cfg.image_size, crops=crops)
     return {'image': image, 'label': ex['label']}
 
   ds = map_or_flag(_examples(config, builder, split), decode_and_crop,
                    parallel=ds_cfg.num_parallel_calls)
   ds = ds.batch(local_batch).prefetch(2)
-  crops = (10,) if ds_cfg.eval_crops == 'ten' else ()
   size = ds_cfg.image_size
-  empty = {'image': np.zeros((0,) + crops + (size, size, 3), np.float32),
+  empty = {'image': np.zeros((0,) + ((10,) if crops == 'ten' else ()) + (size, size, 3),
+                             np.float32),
            'label': np.zeros((0,), np.int32), 'mask': np.zeros((0,), np.float32)}
   done, readable = 0, 0
   for batch in ds.as_numpy_iterator():
@@ -530,9 +514,9 @@ def create_data(config, *, local_batch: int, eval_local_batch: int) -> input_pip
       train=lambda start: train_dataset(
           config, builder, stats, split=train_split, local_batch=local_batch,
           steps_per_epoch=steps_per_epoch, start_step=start),
-      eval=lambda: eval_batches(config, builder, stats, split=eval_split,
-                                local_batch=eval_local_batch,
-                                num_examples=eval_counts[jax.process_index()],
-                                num_batches=num_eval_batches),
+      eval=lambda crops='': eval_batches(config, builder, stats, split=eval_split,
+                                         local_batch=eval_local_batch,
+                                         num_examples=eval_counts[jax.process_index()],
+                                         num_batches=num_eval_batches, crops=crops),
       steps_per_epoch=steps_per_epoch, num_train=num_train,
       num_eval=eval_counts[jax.process_index()])

@@ -106,6 +106,27 @@ def crop_and_flip_batch(images_BHWC, seed, *, crop_padding: int, flip: bool,
   return tf.gather(out, cols, axis=2, batch_dims=1)
 
 
+def crop(image: tf.Tensor, offsets: tf.Tensor, size: int) -> tf.Tensor:
+  """The size x size patch of an (H, W, C) image at (row, col) `offsets`."""
+  return tf.slice(image, tf.concat([offsets, [0]], 0), [size, size, -1])
+
+
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """The central size x size patch of an (H, W, C) image."""
+  shape = tf.shape(image)
+  return crop(image, tf.stack([(shape[0] - size) // 2, (shape[1] - size) // 2]), size)
+
+
+def ten_crops(image: tf.Tensor, size: int) -> tf.Tensor:
+  """(10, size, size, C): the four corners, the centre, then their mirror images."""
+  shape = tf.shape(image)
+  bottom, right = shape[0] - size, shape[1] - size
+  corners = [crop(image, tf.stack([r, c]), size)
+             for r, c in ((0, 0), (0, right), (bottom, 0), (bottom, right))]
+  five = tf.stack(corners + [center_crop(image, size)])
+  return tf.concat([five, tf.reverse(five, [2])], 0)
+
+
 def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
                   local_batch: int, start_step: int = 0, process_index: int = 0,
                   process_count: int = 1) -> tf.data.Dataset:
@@ -158,9 +179,27 @@ def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
   return ds.with_options(options).prefetch(4)
 
 
+def padded_ten_crops(image_HWC: tf.Tensor, padding: int) -> tf.Tensor:
+  """The paper's ten test patches for images trained on crops of a padding.
+
+  Training crops (H, W) windows at random from the image zero-padded by
+  `padding`; the test patches are that padded image's four corner windows,
+  its centre window (the image itself), and their mirror images:
+  (10, H, W, C).
+  """
+  h, w = image_HWC.shape[0], image_HWC.shape[1]
+  p = padding
+  padded = tf.pad(image_HWC, [[p, p], [p, p], [0, 0]])
+  return ten_crops(padded, h) if h == w else tf.stack([image_HWC] * 10)
+
+
 def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
-                 local_batch: int, num_batches: int = 0) -> Iterator[Batch]:
+                 local_batch: int, num_batches: int = 0,
+                 crops: str = 'center') -> Iterator[Batch]:
   """Every example once, the last batch padded; `mask` is 1 for real examples.
+
+  crops='ten': images are (B, 10, H, W, C), the ten patches of
+  `padded_ten_crops`; the eval step averages their softmax.
 
   With `num_batches`, batches of padding only (mask 0) follow up to that
   many, so that processes with different shares take part in the same
@@ -169,14 +208,18 @@ def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
   ds_cfg = config.dataset
   mean = np.asarray(ds_cfg.mean, np.float32)
   std = np.asarray(ds_cfg.std, np.float32)
-  ds = tf.data.Dataset.from_tensor_slices((images, labels)).batch(local_batch)
+  ds = tf.data.Dataset.from_tensor_slices((images, labels))
+  if crops == 'ten':
+    ds = ds.map(lambda x, y: (padded_ten_crops(x, ds_cfg.crop_padding), y))
+  ds = ds.batch(local_batch)
   ds = ds.map(lambda x, y: (_normalize(x, mean, std), y)).prefetch(2)
+  image_shape = images.shape[1:] if crops != 'ten' else (10,) + images.shape[1:]
   done = 0
   for x, y in ds.as_numpy_iterator():
     done += 1
     yield pad_batch({'image': x, 'label': y, 'mask': np.ones(len(y), np.float32)},
                     local_batch)
-  empty = {'image': np.zeros((0,) + images.shape[1:], np.float32),
+  empty = {'image': np.zeros((0,) + image_shape, np.float32),
            'label': np.zeros((0,), labels.dtype), 'mask': np.zeros((0,), np.float32)}
   for _ in range(done, num_batches):
     yield pad_batch(empty, local_batch)
@@ -197,11 +240,12 @@ class Data:
 
   train(start_step) -> tf.data.Dataset of {'image', 'label'} batches of the
   local batch size, infinite, batch s a function of (seed, s) only.
-  eval() -> iterator of {'image', 'label', 'mask'} batches covering the eval
-  split once; 'image' may be (B, crops, H, W, C) for multi-crop testing.
+  eval(crops='') -> iterator of {'image', 'label', 'mask'} batches covering
+  the eval split once; crops='ten' gives images (B, 10, H, W, C), the paper's
+  multi-crop testing, 'center' (B, H, W, C), '' config.dataset.eval_crops.
   """
   train: Callable[[int], tf.data.Dataset]
-  eval: Callable[[], Iterator[Batch]]
+  eval: Callable[..., Iterator[Batch]]
   steps_per_epoch: int
   num_train: int
   num_eval: int
@@ -222,9 +266,10 @@ def create_data(config, *, local_batch: int, eval_local_batch: int) -> Data:
         train=lambda start: train_dataset(config, train_images, train_labels,
                                           local_batch=local_batch, start_step=start,
                                           process_index=index, process_count=count),
-        eval=lambda: eval_batches(config, eval_images, eval_labels,
-                                  local_batch=eval_local_batch,
-                                  num_batches=math.ceil(largest_share / eval_local_batch)),
+        eval=lambda crops='': eval_batches(
+            config, eval_images, eval_labels, local_batch=eval_local_batch,
+            num_batches=math.ceil(largest_share / eval_local_batch),
+            crops=crops or config.dataset.eval_crops),
         steps_per_epoch=len(train_images) // (local_batch * count),
         num_train=len(train_images), num_eval=len(eval_images))
   if config.dataset.name == 'imagenet2012':

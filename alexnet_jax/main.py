@@ -14,6 +14,10 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
+from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+xla_flags.set_cpu_defaults()  # XLA reads XLA_FLAGS once, before JAX loads
+
 from absl import app
 from absl import flags
 from absl import logging

@@ -97,8 +97,9 @@ def plot_curves(workdir: str, filename: str = 'curves.png') -> str | None:
     ax_err.plot(steps, [r['eval_top1_error'] for r in evals], 'o-', label='eval top-1')
     ax_err.plot(steps, [r['eval_top5_error'] for r in evals], 's-', label='eval top-5')
     last = evals[-1]
+    crops = last.get('eval_crops', 1)
     ax_err.set_title(f'Error (final top-1 {last["eval_top1_error"]:.4f} over '
-                     f'{last["eval_examples"]} examples)')
+                     f'{last["eval_examples"]} examples, {crops} crop(s))')
   ax_err.set(xlabel='step', ylabel='error', yscale='log')
   ax_err.legend()
   ax_err.grid(True, which='both', alpha=0.3)

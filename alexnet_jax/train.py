@@ -370,8 +370,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   def run_eval(step_state, step):
     t0 = time.time()
-    result = evaluate(p_eval_step, step_state.params, data.eval(), num_devices,
+    crops = config.dataset.eval_crops
+    if step < total_steps and config.dataset.interim_eval_crops:
+      crops = config.dataset.interim_eval_crops
+    result = evaluate(p_eval_step, step_state.params, data.eval(crops), num_devices,
                       config.max_eval_batches, shard_fn)
+    result['eval_crops'] = 10 if crops == 'ten' else 1
     result['epoch'] = step / steps_per_epoch
     writer.write(step, result)
     logging.info('step %d: %s (%.1fs)', step, result, time.time() - t0)
@@ -423,7 +427,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last_eval, _ = run_eval(state, step)
         progress.note(f'step {step}: top-1 error {last_eval["eval_top1_error"]:.4f}, '
                       f'top-5 error {last_eval["eval_top5_error"]:.4f} '
-                      f'({last_eval["eval_examples"]} examples)')
+                      f'({last_eval["eval_examples"]} examples, '
+                      f'{last_eval["eval_crops"]} crop(s) each)')
         if plateau.update(last_eval['eval_top1_error']):
           new_scale = float(config.schedule.factor ** plateau.reductions)
           state = state.replace(lr_scale=flax.jax_utils.replicate(
@@ -457,7 +462,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   }
   if last_eval is not None:
     results.update({k: last_eval[k] for k in
-                    ('eval_top1_error', 'eval_top5_error', 'eval_loss', 'eval_examples')})
+                    ('eval_top1_error', 'eval_top5_error', 'eval_loss', 'eval_examples',
+                     'eval_crops')})
   if stopped_by:
     results['stopped_by'] = stopped_by
   elif chief:

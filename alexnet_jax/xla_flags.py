@@ -9,7 +9,7 @@ it already, so a user's own setting always wins, e.g.
 brings jaxlib's default back (ALEXNET_XLA_DEFAULTS=0 skips all defaults).
 
 What the flag does (jaxlib 0.10.2, measured by `alexnet_jax.benchmarks.train_step`
-on a 2-core AVX-512 Xeon; README "Performance" has the figures): jaxlib hands
+on the 2-core AMD EPYC (Zen 4) of the README's "Performance" section): jaxlib hands
 both convolutions and matrix products to YNNPACK by default; AlexNet's
 convolutions (forward, input and kernel gradients) run 2-4x faster with XLA's
 own Eigen convolutions, while YNNPACK's matrix products are the fastest

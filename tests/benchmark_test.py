@@ -1,6 +1,9 @@
 """Train-step benchmark: the PyTorch twin, the FLOP count, the JSON, XLA defaults, bf16."""
 
 import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,7 @@ from alexnet_jax import models
 from alexnet_jax import xla_flags
 from alexnet_jax.benchmarks import torch_alexnet
 from alexnet_jax.benchmarks import train_step
+from conftest import REPO
 from conftest import tiny_fashion_config
 
 
@@ -129,6 +133,21 @@ def test_xla_defaults_never_override_the_users_flags():
       '--xla_cpu_experimental_ynn_fusion_type=individual_dot')
   mine = '--xla_force_host_platform_device_count=4 --xla_cpu_experimental_ynn_fusion_type='
   assert xla_flags.with_cpu_defaults(mine) == mine
+
+
+@pytest.mark.parametrize('user_flags, expected', [
+    ('', '--xla_cpu_experimental_ynn_fusion_type=individual_dot'),
+    ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_cpu_experimental_ynn_fusion_type='),
+])
+def test_trainer_entry_point_sets_the_cpu_defaults_before_jax_loads(user_flags, expected):
+  probe = ('import os, sys; import alexnet_jax.main; '
+           'print(os.environ["XLA_FLAGS"]); print("jax" in sys.modules)')
+  env = dict(os.environ, XLA_FLAGS=user_flags)
+  env.pop('ALEXNET_XLA_DEFAULTS', None)
+  out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, env=env, check=True,
+                       capture_output=True, text=True).stdout.split('\n')
+  assert out[0] == expected
+  assert out[1] == 'False'  # XLA reads the flags when JAX starts: it must not have
 
 
 def _all_eqns(jaxpr):

@@ -103,3 +103,37 @@ def test_real_fashion_mnist_loads(fashion_arrays):
   assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
   assert np.bincount(y_train).tolist() == [6000] * 10
   assert np.bincount(y_test).tolist() == [1000] * 10
+
+
+@pytest.mark.parametrize('in_tf_data', [False, True])
+def test_padded_ten_crops_are_the_papers_ten_patches(in_tf_data):
+  h, w, p = 6, 6, 2
+  image = np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w, 1)
+  fn = lambda x: input_pipeline.padded_ten_crops(x, p)
+  if in_tf_data:
+    out = next(iter(tf.data.Dataset.from_tensors(image).map(fn))).numpy()
+  else:
+    out = fn(tf.constant(image)).numpy()
+  padded = np.pad(image, [(p, p), (p, p), (0, 0)])
+  # Four corners of the padded image, its centre (the image), then mirrors.
+  corners = [padded[r:r + h, c:c + w] for r, c in ((0, 0), (0, 2 * p), (2 * p, 0),
+                                                    (2 * p, 2 * p))]
+  expected = np.stack(corners + [image])
+  expected = np.concatenate([expected, expected[:, :, ::-1]])
+  assert out.shape == (10, h, w, 1)
+  np.testing.assert_array_equal(out, expected)
+
+
+def test_ten_crop_eval_batches_normalise_and_mask(tiny_config):
+  rs = np.random.RandomState(1)
+  images = rs.randint(0, 255, (5, 28, 28, 1)).astype(np.uint8)
+  labels = np.arange(5, dtype=np.int32)
+  batches = list(input_pipeline.eval_batches(tiny_config, images, labels, local_batch=4,
+                                             crops='ten'))
+  assert [b['image'].shape for b in batches] == [(4, 10, 28, 28, 1)] * 2
+  assert np.concatenate([b['mask'] for b in batches]).tolist() == [1] * 5 + [0] * 3
+  mean, std = tiny_config.dataset.mean[0], tiny_config.dataset.std[0]
+  # Patch 4 is the image itself, patch 9 its mirror image.
+  np.testing.assert_allclose(batches[1]['image'][0, 4], (images[4] - mean) / std, atol=1e-5)
+  np.testing.assert_allclose(batches[1]['image'][0, 9], (images[4, :, ::-1] - mean) / std,
+                             atol=1e-5)
