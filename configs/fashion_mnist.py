@@ -31,12 +31,14 @@ def get_config():
   config.dataset.std = (0.353 * 255,)
 
   config.model.towers = 2
-  config.model.features = (32, 64, 128, 128, 128)
+  config.model.features = (16, 32, 128, 128, 128)
   config.model.kernel_sizes = (5, 5, 3, 3, 3)
-  # Like the paper's stride-4 conv1, conv1 downsamples at once: 28 -> 14 by
-  # the conv, -> 7 by the first pool, -> 4 by the second, -> 2 by the third.
-  # (Stride 1 is 0.5 points better per epoch but 2.3x slower on a CPU.)
-  config.model.conv1_stride = 2
+  # Every 3x3/2 pool halves the maps: 28 -> 14 -> 7 -> 4. conv1 keeps the
+  # full 28x28 resolution (the paper's stride-4 conv1 exists to cut a
+  # 227-pixel image down; a 28-pixel one has nothing to spare), so it and
+  # conv2 are kept narrow: the step costs as much as a 32-64-128 network
+  # with a stride-2 conv1, and reaches better accuracy per epoch.
+  config.model.conv1_stride = 1
   config.model.conv1_padding = 2
   config.model.pool_padding = 'SAME'
   config.model.fc_features = (1024, 1024)
@@ -47,7 +49,13 @@ def get_config():
   config.schedule.base_lr = 0.05
   config.global_batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 11
+  config.num_epochs = 18
+  config.eval_every_epochs = 2.0
+  # The paper's test: softmax averaged over ten patches (corners and centre
+  # of the padded image, and their reflections) for the final figures;
+  # centre only for the learning curves, 10x cheaper.
+  config.dataset.eval_crops = 'ten'
+  config.dataset.interim_eval_crops = 'center'
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
   return config

@@ -173,6 +173,7 @@ def _wait_for(condition, proc, lines, timeout=300):
 
 # The tiny network, an evaluation of all 10,000 test images every 5 steps.
 _RUN = {'model.features': (8, 16, 16, 16, 8), 'model.fc_features': (32, 32),
+        'model.conv1_stride': 2, 'dataset.eval_crops': 'center',
         'global_batch_size': 32, 'eval_batch_size': 1000, 'num_epochs': 1,
         'eval_every_epochs': 5 / (60000 // 32), 'log_every_steps': 5,
         'checkpoint_every_steps': 1000, 'max_train_steps': 200, 'progress_bar': False}

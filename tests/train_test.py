@@ -77,6 +77,31 @@ def test_evaluation_counts_every_example_with_padding(tiny_config, fashion_array
   np.testing.assert_allclose(result['eval_top5_error'], top5, atol=1e-6)
 
 
+def test_ten_crop_evaluation_averages_the_softmax_of_ten_patches(tiny_config, fashion_arrays):
+  images, labels = (a[:203] for a in fashion_arrays['test'])
+  model = models.create_model(tiny_config.model, 10)
+  state = train.create_train_state(tiny_config, model, optim.create_optimizer(tiny_config.optimizer))
+  p_eval = jax.pmap(functools.partial(train.eval_step, model=model), axis_name=train.AXIS)
+  result = train.evaluate(p_eval, flax.jax_utils.replicate(state.params),
+                          input_pipeline.eval_batches(tiny_config, images, labels,
+                                                      local_batch=64, crops='ten'),
+                          num_devices=4)
+  assert result['eval_examples'] == 203
+  # Reference: numpy patches of the zero-padded images, one forward pass each.
+  p = tiny_config.dataset.crop_padding
+  padded = np.pad(images, [(0, 0), (p, p), (p, p), (0, 0)]).astype(np.float32)
+  x = (padded - np.array(tiny_config.dataset.mean)) / np.array(tiny_config.dataset.std)
+  patches = [x[:, r:r + 28, c:c + 28] for r, c in ((0, 0), (0, 2 * p), (2 * p, 0),
+                                                   (2 * p, 2 * p), (p, p))]
+  patches += [q[:, :, ::-1] for q in patches]
+  probs = np.mean([jax.nn.softmax(model.apply({'params': state.params}, jnp.asarray(q),
+                                              train=False)) for q in patches], axis=0)
+  np.testing.assert_allclose(result['eval_top1_error'],
+                             np.mean(np.argmax(probs, -1) != labels), atol=1e-6)
+  np.testing.assert_allclose(result['eval_loss'],
+                             -np.mean(np.log(probs[np.arange(203), labels])), rtol=1e-4)
+
+
 def test_short_real_data_run_learns(tiny_config, tmp_path):
   # A constant lr: the demo's one-cycle schedule spans the whole epoch, so
   # stopping at step 400 would evaluate at its peak lr.
@@ -84,13 +109,14 @@ def test_short_real_data_run_learns(tiny_config, tmp_path):
   tiny_config.schedule.base_lr = 0.01
   tiny_config.max_train_steps = 400
   tiny_config.log_every_steps = 25
+  tiny_config.dataset.eval_crops = 'ten'  # the demo's final test
   tiny_config.model.features = (16, 32, 32, 32, 32)
   tiny_config.model.fc_features = (128, 128)
   results = train.train_and_evaluate(tiny_config, str(tmp_path))
   lines = [json.loads(l) for l in open(tmp_path / 'metrics.jsonl')]
   losses = [l['train_loss'] for l in lines if 'train_loss' in l]
   assert losses[-1] < 0.6 * losses[0]
-  assert results['eval_examples'] == 10000
+  assert results['eval_examples'] == 10000 and results['eval_crops'] == 10
   assert results['eval_top1_error'] < 0.6  # chance is 0.9
   for name in ('results.json', 'curves.png', 'config.json'):
     assert (tmp_path / name).exists(), name
@@ -100,6 +126,7 @@ def test_short_real_data_run_learns(tiny_config, tmp_path):
 def _main_cmd(workdir, *overrides):
   return [sys.executable, '-m', 'alexnet_jax.main', f'--workdir={workdir}',
           '--config.model.features=(8,16,16,16,8)', '--config.model.fc_features=(32,32)',
+          '--config.model.conv1_stride=2', '--config.dataset.eval_crops=center',
           '--config.global_batch_size=32', '--config.eval_batch_size=1000',
           '--config.progress_bar=False', '--config.checkpoint_every_steps=10',
           '--config.log_every_steps=5', '--config.max_eval_batches=1', *overrides]

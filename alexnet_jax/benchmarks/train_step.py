@@ -272,6 +272,8 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
                   torch_channels_last: bool = True) -> dict:
   """Interleaved JAX / PyTorch train-step rates and derived figures."""
   import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config, 1)  # bad keys and values fail as in training
   batch = config.global_batch_size
   load_before = _loadavg()
   jax_run, jax_info = _jax_runner(config, batch)
