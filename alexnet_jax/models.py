@@ -32,6 +32,20 @@ import numpy as np
 Dtype = Any
 
 
+# Towers of at most this many channels sum their LRN windows with a banded
+# matrix product; wider ones with a reduce-window. On XLA CPU the product is
+# ~20% faster for 16-48 channels (the Fashion-MNIST net, the paper's conv1)
+# and 25% slower for the paper's 128-channel conv2 towers, whose band matrix
+# is mostly zeros.
+_BANDED_MAX_CHANNELS = 64
+
+
+def _band_matrix(channels: int, lo: int, hi: int) -> np.ndarray:
+  """M[i, j] = 1 where input channel i lies in output channel j's window."""
+  i, j = np.indices((channels, channels))
+  return ((i >= j - lo) & (i <= j + hi)).astype(np.float32)
+
+
 def _window_sum(x_BHWC: jax.Array, size: int, towers: int,
                 reverse: bool = False) -> jax.Array:
   """Sum over channel windows `[c - size // 2, c + (size - 1) // 2]`.
@@ -45,8 +59,12 @@ def _window_sum(x_BHWC: jax.Array, size: int, towers: int,
   if reverse:
     lo, hi = hi, lo
   x = x_BHWC.reshape(b, h, w, towers, c // towers)
-  s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, 1, 1, size),
-                            (1, 1, 1, 1, 1), [(0, 0)] * 4 + [(lo, hi)])
+  if c // towers <= _BANDED_MAX_CHANNELS:
+    band = jnp.asarray(_band_matrix(c // towers, lo, hi), x.dtype)
+    s = jnp.einsum('bhwtc,cd->bhwtd', x, band, precision=jax.lax.Precision.HIGHEST)
+  else:
+    s = jax.lax.reduce_window(x, 0.0, jax.lax.add, (1, 1, 1, 1, size),
+                              (1, 1, 1, 1, 1), [(0, 0)] * 4 + [(lo, hi)])
   return s.reshape(b, h, w, c)
 
 

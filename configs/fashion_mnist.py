@@ -49,7 +49,7 @@ def get_config():
   config.schedule.base_lr = 0.05
   config.global_batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 18
+  config.num_epochs = 16
   config.eval_every_epochs = 2.0
   # The paper's test: softmax averaged over ten patches (corners and centre
   # of the padded image, and their reflections) for the final figures;

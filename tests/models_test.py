@@ -87,6 +87,28 @@ def test_lrn_gradient_matches_torch_autograd(beta):
   np.testing.assert_allclose(grad, t.grad.numpy().transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('channels, towers', [(160, 2), (192, 1), (16, 2)])
+def test_lrn_both_window_sums_match_torch_values_and_gradients(channels, towers):
+  # Towers wider than _BANDED_MAX_CHANNELS sum windows with a reduce-window,
+  # narrower ones with a banded product: both must be torch's LRN per tower.
+  rs = np.random.RandomState(5)
+  x = rs.randn(2, 3, 3, channels).astype(np.float32) * 10
+  w = rs.randn(*x.shape).astype(np.float32)
+  fn = lambda v: models.local_response_norm(v, size=5, alpha=1e-2, beta=0.75,
+                                            alpha_over_size=True, towers=towers)
+  grad = jax.grad(lambda v: jnp.sum(fn(v) * w))(jnp.asarray(x))
+  ref_out, ref_grad = [], []
+  for xs, ws in zip(np.split(x, towers, -1), np.split(w, towers, -1)):
+    t = torch.from_numpy(xs.transpose(0, 3, 1, 2)).requires_grad_()
+    out = torch.nn.LocalResponseNorm(5, alpha=1e-2, beta=0.75, k=2.0)(t)
+    (out * torch.from_numpy(ws.transpose(0, 3, 1, 2))).sum().backward()
+    ref_out.append(out.detach().numpy().transpose(0, 2, 3, 1))
+    ref_grad.append(t.grad.numpy().transpose(0, 2, 3, 1))
+  np.testing.assert_allclose(fn(jnp.asarray(x)), np.concatenate(ref_out, -1),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(grad, np.concatenate(ref_grad, -1), rtol=1e-4, atol=1e-5)
+
+
 def test_grouped_conv_equals_torch_grouped_conv():
   rs = np.random.RandomState(4)
   x = rs.randn(2, 9, 9, 8).astype(np.float32)
