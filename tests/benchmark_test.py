@@ -175,8 +175,13 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn():
 
   eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
   convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
-  dots = [e for e in eqns if e.primitive.name == 'dot_general']
-  sums = [e for e in eqns if e.primitive.name.startswith('reduce_window')]
+  # The LRN sums its windows with a reduce-window, or for narrow towers with a
+  # banded product over (B, H, W, tower, channel) arrays; the FC layers' dots
+  # are 2-D.
+  lrn = lambda e: (e.primitive.name.startswith('reduce_window') or (
+      e.primitive.name == 'dot_general' and e.invars[0].aval.ndim == 5))
+  dots = [e for e in eqns if e.primitive.name == 'dot_general' and not lrn(e)]
+  sums = [e for e in eqns if lrn(e)]
   assert convs and dots and sums
   for e in convs + dots:  # forward and both gradients
     assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
