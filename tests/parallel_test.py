@@ -148,8 +148,12 @@ def test_two_train_steps_match_single_device(num_devices):
   check_train_steps(num_devices)
 
 
-@pytest.mark.parametrize('num_devices,crops', [(4, 0), (2, 2)])
+@pytest.mark.parametrize('num_devices,crops', [(4, 0), (2, 2), (4, 2)])
 def test_eval_step_matches_single_device(num_devices, crops):
+  check_eval(num_devices, crops)
+
+
+def check_eval(num_devices, crops):
   _, model, _, state, batches = _setup()
   batch = dict(batches[0])
   if crops:  # the multi-crop form (B, crops, H, W, C) of 10-patch testing
@@ -242,14 +246,18 @@ def test_config_validation():
 
 
 def test_eight_devices_in_a_subprocess():
-  # The test session has 4 devices; 8 needs a fresh process. The train steps
-  # compare parameters after two updates, which covers the gradients too.
+  # The test session has 4 devices; 8 needs a fresh process: logits, loss
+  # and gradients, parameters after two updates, and evaluation (centre and
+  # multi-crop, padded tail) against the single-device network.
   script = (
       'import jax\n'
       'assert jax.device_count() == 8, jax.devices()\n'
       'import parallel_test\n'
       'parallel_test.check_logits(8)\n'
+      'parallel_test.check_gradients(8)\n'
       'parallel_test.check_train_steps(8)\n'
+      'parallel_test.check_eval(8, 0)\n'
+      'parallel_test.check_eval(8, 2)\n'
       'print("ok")\n')
   env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=8',
              PYTHONPATH=os.pathsep.join([REPO, os.path.join(REPO, 'tests')]))
