@@ -188,9 +188,10 @@ def padded_ten_crops(image_HWC: tf.Tensor, padding: int) -> tf.Tensor:
   (10, H, W, C).
   """
   h, w = image_HWC.shape[0], image_HWC.shape[1]
+  if h != w:
+    raise ValueError(f'ten-patch testing needs square images, got {h}x{w}')
   p = padding
-  padded = tf.pad(image_HWC, [[p, p], [p, p], [0, 0]])
-  return ten_crops(padded, h) if h == w else tf.stack([image_HWC] * 10)
+  return ten_crops(tf.pad(image_HWC, [[p, p], [p, p], [0, 0]]), h)
 
 
 def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,

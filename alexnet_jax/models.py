@@ -33,10 +33,10 @@ Dtype = Any
 
 
 # Towers of at most this many channels sum their LRN windows with a banded
-# matrix product; wider ones with a reduce-window. On XLA CPU the product is
-# ~20% faster for 16-48 channels (the Fashion-MNIST net, the paper's conv1)
-# and 25% slower for the paper's 128-channel conv2 towers, whose band matrix
-# is mostly zeros.
+# matrix product; wider ones with a reduce-window. On XLA CPU (forward and
+# backward, batch 128) the product took 23% less time for 16-channel towers
+# at 28x28 and 13% less for the paper's 48-channel conv1 towers, and 27% more
+# for its 128-channel conv2 towers, whose band matrix is mostly zeros.
 _BANDED_MAX_CHANNELS = 64
 
 

@@ -313,12 +313,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                     keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(state)
   host_state = {}
-  chief = jax.process_index() == 0  # the only process that writes outputs
   if restored is not None:
     state, host_state = restored
-    if chief:
-      print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
+  chief = jax.process_index() == 0  # the only process that writes outputs
   if chief:
+    if restored is not None:
+      print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
     checkpointing.write_config(config, workdir)
   plateau = Plateau(config.schedule, host_state.get('plateau'))
   prior_elapsed = float(host_state.get('elapsed_sec', 0.0))
