@@ -34,6 +34,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.num_parallel_calls = -1  # tf.data.AUTOTUNE
   # ImageNet preprocessing (sections 2 and 4.1 of the paper).
   c.dataset.resize_size = 256  # shorter side -> 256, then the central 256x256
+  # True: read a one-off copy of the dataset stored as resize_size squares, as
+  # the paper did (written on first use, alexnet_jax/imagenet_squares.py);
+  # training then decodes only each 227 crop and never rescales. False:
+  # decode and rescale the original JPEGs in every epoch.
+  c.dataset.prescaled = True
+  c.dataset.prescaled_quality = 90  # JPEG quality of that copy
   # 'image': the per-pixel mean image of the training set (the paper);
   # 'channel': its per-channel mean; both need `python -m
   # alexnet_jax.tools.dataset_stats`. 'constant': dataset.mean and
@@ -163,6 +169,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f"dataset.eval_crops={d.eval_crops!r}; use 'ten' or 'center'")
   if d.interim_eval_crops not in ('', 'ten', 'center'):
     fail(f"dataset.interim_eval_crops={d.interim_eval_crops!r}; use '', 'ten' or 'center'")
+  if not 1 <= d.prescaled_quality <= 100:
+    fail(f'dataset.prescaled_quality={d.prescaled_quality} must be in [1, 100]')
   if d.pca_std < 0:
     fail(f'dataset.pca_std={d.pca_std} must be >= 0')
   if len(d.pca_eigval) != 3 or [len(r) for r in d.pca_eigvec] != [3, 3, 3]:

@@ -57,6 +57,22 @@ def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
 
 
 def prepare(config) -> tfds.core.DatasetBuilder:
+  """The builder that training reads, prepared if needed.
+
+  `dataset.prescaled`: the one-off copy of `imagenet2012` as resize_size
+  squares (`imagenet_squares`), made from the prepared original on first use;
+  otherwise `imagenet2012` itself.
+  """
+  source = prepare_original(config)
+  if not config.dataset.prescaled:
+    return source
+  from alexnet_jax import imagenet_squares  # pylint: disable=g-import-not-at-top
+  return imagenet_squares.prepare(source, size=config.dataset.resize_size,
+                                  quality=config.dataset.prescaled_quality,
+                                  data_dir=config.dataset.data_dir or None)
+
+
+def prepare_original(config) -> tfds.core.DatasetBuilder:
   """The `imagenet2012` builder, prepared from the manual archives if needed."""
   builder = tfds.builder('imagenet2012', data_dir=config.dataset.data_dir or None)
   if builder.is_prepared():
@@ -199,6 +215,28 @@ def random_crop_resize(jpeg: tf.Tensor, seed: tf.Tensor, resize: int,
   return _rescale(_decode_square(jpeg, top, left, window, size), size), offsets
 
 
+def random_crop(jpeg: tf.Tensor, seed: tf.Tensor, resize: int,
+                size: int) -> tuple[tf.Tensor, tf.Tensor]:
+  """A random `size` crop of a prescaled `resize` x `resize` JPEG.
+
+  Only the crop's window is decoded, and no rescale is needed: this is the
+  paper's own augmentation, one of (resize - size + 1)^2 positions of the
+  stored square. Returns the (size, size, 3) uint8 crop and its offsets.
+  """
+  offsets = crop_offsets(seed, resize, size)
+  window = tf.concat([offsets, [size, size]], 0)
+  image = tf.image.decode_and_crop_jpeg(jpeg, window, channels=3)
+  return tf.ensure_shape(image, [size, size, 3]), offsets
+
+
+def decode_square(jpeg: tf.Tensor, size: int, prescaled: bool) -> tf.Tensor:
+  """The (size, size, 3) float32 square that evaluation and statistics see."""
+  if prescaled:
+    image = tf.io.decode_jpeg(jpeg, channels=3)
+    return tf.cast(tf.ensure_shape(image, [size, size, 3]), tf.float32)
+  return center_square_resize(jpeg, size)
+
+
 def crop_offsets(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
   """Uniform (row, col) of a size x size crop inside a full x full image."""
   return tf.random.stateless_uniform([2], seed, 0, full - size + 1, tf.int32)
@@ -255,11 +293,18 @@ def pca_lighting(image: tf.Tensor, seed: tf.Tensor, eigval: tf.Tensor,
 
 def train_image(jpeg: tf.Tensor, seed: tf.Tensor, *, mean: tf.Tensor,
                 eigval: tf.Tensor, eigvec: tf.Tensor, resize: int, size: int,
-                flip: bool, pca_std: float) -> tf.Tensor:
-  """Random crop, mean subtraction, flip and PCA lighting of one JPEG."""
+                flip: bool, pca_std: float, prescaled: bool = False) -> tf.Tensor:
+  """Random crop, mean subtraction, flip and PCA lighting of one JPEG.
+
+  prescaled: the JPEG is already the resize x resize square (`random_crop`);
+  otherwise any original (`random_crop_resize`).
+  """
   crop_seed, flip_seed, pca_seed = tf.unstack(
       tf.random.experimental.stateless_split(seed, 3))
-  image, offsets = random_crop_resize(jpeg, crop_seed, resize, size)
+  if prescaled:
+    image, offsets = random_crop(jpeg, crop_seed, resize, size)
+  else:
+    image, offsets = random_crop_resize(jpeg, crop_seed, resize, size)
   x = subtract_mean(image, mean, offsets)
   if flip:
     x = random_flip(x, flip_seed)
@@ -346,10 +391,10 @@ def _examples(config, builder, split) -> tf.data.Dataset:
 
 def decoded_split(config, builder, split) -> tf.data.Dataset:
   """{'image' (R, R, 3) float32, 'label', 'position', 'ok'} of `split`, in order."""
-  size = config.dataset.resize_size
+  size, prescaled = config.dataset.resize_size, config.dataset.prescaled
   return map_or_flag(
       _examples(config, builder, split),
-      lambda ex: {'image': center_square_resize(ex['jpeg'], size), 'label': ex['label']},
+      lambda ex: {'image': decode_square(ex['jpeg'], size, prescaled), 'label': ex['label']},
       parallel=config.dataset.num_parallel_calls)
 
 
@@ -408,7 +453,7 @@ def train_batches(examples: tf.data.Dataset, config, stats: Stats, *,
     image = train_image(
         ex['jpeg'], seed, mean=mean, eigval=eigval, eigvec=eigvec,
         resize=ds_cfg.resize_size, size=ds_cfg.image_size,
-        flip=ds_cfg.random_flip, pca_std=ds_cfg.pca_std)
+        flip=ds_cfg.random_flip, pca_std=ds_cfg.pca_std, prescaled=ds_cfg.prescaled)
     return {'image': image, 'label': ex['label']}
 
   def report(count, batch):
@@ -466,7 +511,7 @@ def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
   mean = tf.constant(stats.mean)
 
   def decode_and_crop(ex):
-    image = eval_image(center_square_resize(ex['jpeg'], ds_cfg.resize_size),
+    image = eval_image(decode_square(ex['jpeg'], ds_cfg.resize_size, ds_cfg.prescaled),
                        mean=mean, size=ds_cfg.image_size, crops=crops)
     return {'image': image, 'label': ex['label']}
 

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow as tf
 import torch
 
 from alexnet_jax import models
@@ -189,3 +190,23 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn():
     assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.float32)}, e
   grads = jax.eval_shape(jax.grad(loss), params)
   assert {g.dtype for g in jax.tree.leaves(grads)} == {jnp.dtype(jnp.float32)}
+
+
+def test_input_benchmark_measures_every_variant_on_the_same_images():
+  from alexnet_jax.benchmarks import input_pipeline as input_benchmark  # pylint: disable=g-import-not-at-top
+  jpegs = input_benchmark.make_jpegs(3)
+  squares = input_benchmark._squares(jpegs)  # pylint: disable=protected-access
+  for data, square in zip(jpegs, squares):
+    assert tf.io.extract_jpeg_shape(data).numpy().tolist() in ([375, 500, 3], [500, 375, 3])
+    assert tf.io.extract_jpeg_shape(square).numpy().tolist() == [256, 256, 3]
+  r = input_benchmark.run_benchmark(num_jpegs=3, images=64, rounds=1, epochs=90)
+  rates = r['images_per_cpu_sec']
+  assert set(rates) == {'tf_pipeline', 'tf_decode', 'pil_numpy', 'tf_pipeline_original',
+                        'tf_decode_squares', 'pil_numpy_original', 'tf_make_squares'}
+  assert all(rate > 0 for rate in rates.values())
+  assert r['tf_pipeline_vs_tf_decode'] == pytest.approx(rates['tf_pipeline'] / rates['tf_decode'])
+  assert r['tf_pipeline_vs_pil_numpy'] == pytest.approx(rates['tf_pipeline'] / rates['pil_numpy'])
+  # Per image and epoch: the pipeline plus a ninetieth of the one-off copy.
+  amortised = r['also']['tf_pipeline_with_copy_over_90_epochs']
+  assert 1 / amortised == pytest.approx(1 / rates['tf_pipeline'] + 1 / (90 * rates['tf_make_squares']))
+  assert r['targets']['tf_pipeline >= 0.8x tf_decode'] == (r['tf_pipeline_vs_tf_decode'] >= 0.8)

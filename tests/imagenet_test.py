@@ -22,6 +22,7 @@ import tensorflow_datasets as tfds
 
 from alexnet_jax import config_lib
 from alexnet_jax import imagenet
+from alexnet_jax import imagenet_squares
 from alexnet_jax import input_pipeline
 from alexnet_jax import train
 from conftest import REPO, load_config
@@ -89,9 +90,10 @@ def make_archives(manual_dir: str) -> dict:
   return {'num_train': len(SYNSETS) * PER_SYNSET + 2, 'num_val': NUM_VAL + 1}
 
 
-def tiny_paper_config(root):
+def tiny_paper_config(root, prescaled=True):
   """The paper's config on the tiny archives, with a small network and images."""
   config = load_config('paper')
+  config.dataset.prescaled = prescaled
   config.dataset.data_dir = str(root / 'tfds')
   config.dataset.manual_dir = str(root / 'manual')
   config.dataset.resize_size = RESIZE
@@ -109,28 +111,34 @@ def tiny_paper_config(root):
 
 @pytest.fixture(scope='session')
 def imagenet_root(tmp_path_factory):
-  """Archives in a manual dir, prepared by the real builder, stats by the CLI."""
+  """Archives in a manual dir, prepared by the real builder, squares, stats by the CLI."""
   root = tmp_path_factory.mktemp('imagenet')
   counts = make_archives(str(root / 'manual'))
-  config = tiny_paper_config(root)
-  builder = imagenet.prepare(config)
-  assert builder.info.splits['train'].num_examples == counts['num_train']
-  assert builder.info.splits['validation'].num_examples == counts['num_val']
-  run = subprocess.run(
-      [sys.executable, '-m', 'alexnet_jax.tools.dataset_stats', '--config=configs/paper.py',
-       f'--config.dataset.data_dir={config.dataset.data_dir}',
-       f'--config.dataset.manual_dir={config.dataset.manual_dir}',
-       f'--config.dataset.resize_size={RESIZE}', '--batch_size=5'],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr
-  assert f'{counts["num_train"] - 1} images (1 unreadable, skipped)' in run.stdout, run.stdout
+  original = imagenet.prepare(tiny_paper_config(root, prescaled=False))
+  assert original.info.splits['train'].num_examples == counts['num_train']
+  assert original.info.splits['validation'].num_examples == counts['num_val']
+  squares = imagenet.prepare(tiny_paper_config(root))  # the corrupt ones are left out
+  assert squares.info.splits['train'].num_examples == counts['num_train'] - 1
+  assert squares.info.splits['validation'].num_examples == counts['num_val'] - 1
+  for prescaled, unreadable in ((False, 1), (True, 0)):
+    config = tiny_paper_config(root)
+    run = subprocess.run(
+        [sys.executable, '-m', 'alexnet_jax.tools.dataset_stats', '--config=configs/paper.py',
+         f'--config.dataset.data_dir={config.dataset.data_dir}',
+         f'--config.dataset.manual_dir={config.dataset.manual_dir}',
+         f'--config.dataset.prescaled={prescaled}',
+         f'--config.dataset.resize_size={RESIZE}', '--batch_size=5'],
+        cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert f'{counts["num_train"] - 1} images ({unreadable} unreadable, skipped)' in run.stdout, \
+        run.stdout
   return root
 
 
-def _train_jpegs(config):
-  """(file name, JPEG bytes, label) of the prepared train split."""
-  builder = tfds.builder('imagenet2012', data_dir=config.dataset.data_dir)
-  ds = builder.as_dataset(split='train', decoders={'image': tfds.decode.SkipDecoding()})
+def _train_jpegs(config, split='train'):
+  """(file name, JPEG bytes, label) of a split of the dataset that `config` reads."""
+  builder = imagenet.prepare(config)
+  ds = builder.as_dataset(split=split, decoders={'image': tfds.decode.SkipDecoding()})
   return [(ex['file_name'].decode(), ex['image'], int(ex['label']))
           for ex in tfds.as_numpy(ds)]
 
@@ -220,6 +228,53 @@ def test_random_crop_is_the_rescaled_window(in_tf_data):
   # libjpeg's cropped decode differs from the full one only next to the edges.
   assert np.median(error) == 0 and error.mean() < 0.2, error.mean()
   np.testing.assert_array_equal(offsets, np.round(np.array([top, left - 100]) * 256 / 400))
+
+
+def _square(size=256):
+  return imagenet_squares.square_jpeg(tf.constant(_jpeg(skimage.data.coffee())), size, 90).numpy()
+
+
+@both
+def test_random_crop_of_a_square_is_its_window_at_the_paper_positions(in_tf_data):
+  data = _square()
+  outs = _run_many(lambda j, s: imagenet.random_crop(j, s, 256, 227),
+                   [(data, np.array([4, i], np.int64)) for i in range(200)], in_tf_data=in_tf_data)
+  offsets = np.stack([o for _, o in outs])
+  # The paper's 30 x 30 positions, both ends reached.
+  assert offsets.min() == 0 and offsets.max() == 256 - 227
+  full = tf.io.decode_jpeg(data).numpy()
+  for image, (r, c) in outs[:10]:
+    assert image.shape == (227, 227, 3) and image.dtype == np.uint8
+    error = np.abs(image.astype(int) - full[r:r + 227, c:c + 227])
+    # libjpeg's cropped decode differs from the full one only next to the edges.
+    assert np.median(error) == 0 and error.mean() < 0.2, error.mean()
+
+
+@both
+def test_train_image_of_a_square_is_crop_mean_flip_pca(in_tf_data):
+  data = _square(72)
+  rs = np.random.RandomState(2)
+  mean = rs.uniform(0, 255, (72, 72, 3)).astype(np.float32)
+  eigvec, _ = np.linalg.qr(rs.normal(size=(3, 3)))
+  eigval = np.array([0.2, 0.02, 0.005], np.float32)
+  kwargs = dict(mean=tf.constant(mean), eigval=tf.constant(eigval),
+                eigvec=tf.constant(eigvec.astype(np.float32)), resize=72, size=67,
+                flip=True, pca_std=0.1, prescaled=True)
+  seeds = [np.array([6, i], np.int64) for i in range(8)]
+  outs = _run_many(lambda j, s: imagenet.train_image(j, s, **kwargs),
+                   [(data, s) for s in seeds], in_tf_data=in_tf_data)
+  flips = 0
+  for seed, out in zip(seeds, outs):
+    crop_seed, flip_seed, pca_seed = tf.unstack(
+        tf.random.experimental.stateless_split(tf.constant(seed), 3))
+    crop, (r, c) = [np.asarray(v) for v in imagenet.random_crop(tf.constant(data), crop_seed, 72, 67)]
+    want = crop.astype(np.float32) - mean[r:r + 67, c:c + 67]
+    if bool(tf.random.stateless_uniform([], flip_seed, 0, 2, tf.int32) > 0):
+      want, flips = want[:, ::-1], flips + 1
+    alphas = imagenet.pca_alphas(pca_seed, 0.1).numpy()
+    want = want + 255.0 * eigvec @ (alphas * eigval)
+    np.testing.assert_allclose(out, want, atol=1e-3)
+  assert 0 < flips < 8
 
 
 @both
@@ -351,22 +406,45 @@ def test_missing_stats_name_the_command(imagenet_root, tmp_path):
     imagenet.create_data(config, local_batch=8, eval_local_batch=8)
   config.dataset.mean_mode = 'constant'  # needs no file
   data = imagenet.create_data(config, local_batch=8, eval_local_batch=8)
-  assert data.steps_per_epoch == 26 // 8
+  assert data.steps_per_epoch == 25 // 8
 
 
-def test_stats_equal_a_numpy_computation(imagenet_root):
-  config = tiny_paper_config(imagenet_root)
+def test_squares_copy_is_the_rescaled_centre_of_every_readable_image(imagenet_root):
+  originals = {name: (data, label) for name, data, label in
+               _train_jpegs(tiny_paper_config(imagenet_root, prescaled=False))}
+  squares = _train_jpegs(tiny_paper_config(imagenet_root))
+  truncated = f'{SYNSETS[0]}_{PER_SYNSET + 1}.JPEG'
+  assert sorted(n for n, _, _ in squares) == sorted(set(originals) - {truncated})
+  for name, data, label in squares:
+    source, source_label = originals[name]
+    assert label == source_label
+    # Stored exactly as `square_jpeg` encodes it ...
+    assert data == imagenet_squares.square_jpeg(tf.constant(source), RESIZE, 90).numpy()
+    # ... which is the paper's rescale and centre crop up to JPEG error (larger
+    # on these 72-pixel thumbnails than on 256-pixel squares), well below the
+    # difference to its mirror image.
+    square = tf.io.decode_jpeg(data).numpy().astype(np.float32)
+    exact = imagenet.center_square_resize(tf.constant(source), RESIZE).numpy()
+    assert square.shape == (RESIZE, RESIZE, 3)
+    error = np.abs(square - exact).mean()
+    assert error < 5.0 and error < 0.5 * np.abs(square - exact[:, ::-1]).mean(), error
+
+
+@pytest.mark.parametrize('prescaled', [False, True])
+def test_stats_equal_a_numpy_computation(imagenet_root, prescaled):
+  config = tiny_paper_config(imagenet_root, prescaled)
   builder = imagenet.prepare(config)
   with open(imagenet.stats_path(config, builder), 'rb') as f:
     stats = dict(np.load(f))
   images = []
   for name, data, _ in _train_jpegs(config):
     try:
-      images.append(imagenet.center_square_resize(tf.constant(data), RESIZE).numpy())
+      images.append(imagenet.decode_square(tf.constant(data), RESIZE, prescaled).numpy())
     except tf.errors.InvalidArgumentError:
       assert name == f'{SYNSETS[0]}_{PER_SYNSET + 1}.JPEG'  # the truncated one
   images = np.stack(images).astype(np.float64)
-  assert int(stats['num_images']) == len(images) == 25 and int(stats['num_unreadable']) == 1
+  assert int(stats['num_images']) == len(images) == 25
+  assert int(stats['num_unreadable']) == (0 if prescaled else 1)
   np.testing.assert_allclose(stats['mean_image'], images.mean(0), rtol=1e-5, atol=1e-3)
   pixels = images.reshape(-1, 3) / 255.0
   cov = np.cov(pixels, rowvar=False, bias=True)
@@ -381,10 +459,12 @@ def test_stats_equal_a_numpy_computation(imagenet_root):
                              images.mean((0, 1, 2)), rtol=1e-5)
 
 
-def test_train_stream_is_a_function_of_seed_and_step(imagenet_root):
-  config = tiny_paper_config(imagenet_root)
+@pytest.mark.parametrize('prescaled', [False, True])
+def test_train_stream_is_a_function_of_seed_and_step(imagenet_root, prescaled):
+  config = tiny_paper_config(imagenet_root, prescaled)
   data = imagenet.create_data(config, local_batch=8, eval_local_batch=8)
-  assert (data.steps_per_epoch, data.num_train, data.num_eval) == (3, 26, 9)
+  counts = (3, 25, 8) if prescaled else (3, 26, 9)  # the copy leaves corrupt ones out
+  assert (data.steps_per_epoch, data.num_train, data.num_eval) == counts
   full = list(data.train(0).take(7).as_numpy_iterator())
   resumed = list(data.train(2).take(5).as_numpy_iterator())  # mid-epoch, then epochs 1-2
   for a, b in zip(full[2:], resumed):
@@ -394,7 +474,7 @@ def test_train_stream_is_a_function_of_seed_and_step(imagenet_root):
   # Epochs differ in order; each epoch's 24 examples are distinct images.
   assert not np.array_equal(full[0]['label'], full[3]['label'])
   epoch0 = np.concatenate([b['image'] for b in full[:3]]).reshape(24, -1)
-  assert len({row.tobytes() for row in epoch0}) >= 23  # the bad one is a copy
+  assert len({row.tobytes() for row in epoch0}) >= 23  # a bad one is a copy
   # One shard: a cache (which fixes the shard order) changes nothing.
   config.dataset.cache = 'memory'
   cached = imagenet.create_data(config, local_batch=8, eval_local_batch=8)
@@ -408,14 +488,16 @@ def test_train_stream_is_a_function_of_seed_and_step(imagenet_root):
   assert not np.array_equal(other['image'], full[0]['image'])
 
 
-def test_eval_counts_every_readable_example_once(imagenet_root):
-  config = tiny_paper_config(imagenet_root)
+@pytest.mark.parametrize('prescaled', [False, True])
+def test_eval_counts_every_readable_example_once(imagenet_root, prescaled):
+  config = tiny_paper_config(imagenet_root, prescaled)
   data = imagenet.create_data(config, local_batch=8, eval_local_batch=4)
   batches = list(data.eval())
-  assert len(batches) == 3  # 9 examples in batches of 4
+  stored = NUM_VAL if prescaled else NUM_VAL + 1  # the copy leaves the garbage one out
+  assert len(batches) == -(-stored // 4)
   assert all(b['image'].shape == (4, 10, SIZE, SIZE, 3) for b in batches)
   mask = np.concatenate([b['mask'] for b in batches])
-  assert mask.sum() == NUM_VAL and not mask[9:].any()  # the garbage one and padding: 0
+  assert mask.sum() == NUM_VAL and not mask[stored:].any()  # garbage and padding: 0
   labels = np.concatenate([b['label'] for b in batches])[mask == 1]
   names = imagenet.prepare(config).info.features['label'].names
   truth = open(os.path.join(os.path.dirname(tfds.__file__), 'datasets', 'imagenet2012',
@@ -425,13 +507,14 @@ def test_eval_counts_every_readable_example_once(imagenet_root):
   # Processes with fewer examples pad with empty batches to the common count.
   builder = imagenet.prepare(config)
   extra = list(imagenet.eval_batches(config, builder, imagenet.load_stats(config, builder),
-                                     split='validation', local_batch=4, num_examples=9,
+                                     split='validation', local_batch=4, num_examples=stored,
                                      num_batches=5))
   assert len(extra) == 5 and not extra[3]['mask'].any() and not extra[4]['mask'].any()
 
 
-def test_paper_config_trains_and_tests_on_ten_crops(imagenet_root, tmp_path):
-  config = tiny_paper_config(imagenet_root)
+@pytest.mark.parametrize('prescaled', [False, True])
+def test_paper_config_trains_and_tests_on_ten_crops(imagenet_root, tmp_path, prescaled):
+  config = tiny_paper_config(imagenet_root, prescaled)
   config.max_train_steps = 4  # crosses the epoch boundary at step 3
   config.eval_every_epochs = 100  # one evaluation, at the end
   assert config.dataset.eval_crops == 'ten' and config.dataset.mean_mode == 'image'
