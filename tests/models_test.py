@@ -216,15 +216,18 @@ def test_summary_traffic_paper_model_by_hand():
   assert t['gradient_allreduce_bytes'] == 2 * 7 * 60_965_224 * 4 // 8
 
 
-@pytest.mark.parametrize('shape,padding', [((2, 13, 13, 8), 'VALID'), ((2, 14, 14, 8), 'SAME'),
-                                           ((2, 7, 7, 4), 'SAME')])
-def test_max_pool_matches_flax_values_and_gradients_with_ties(shape, padding):
+@pytest.mark.parametrize('shape,padding,window,stride', [
+    ((2, 13, 13, 8), 'VALID', 3, 2), ((2, 14, 14, 8), 'SAME', 3, 2), ((2, 7, 7, 4), 'SAME', 3, 2),
+    ((2, 12, 11, 4), 'VALID', 3, 2),  # uneven sides: trailing rows/cols no window covers
+    ((2, 12, 12, 4), 'VALID', 2, 2), ((2, 13, 13, 4), 'VALID', 5, 3),
+    ((2, 9, 9, 4), 'VALID', 3, 1)])
+def test_max_pool_matches_flax_values_and_gradients_with_ties(shape, padding, window, stride):
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   rs = np.random.RandomState(4)
   x = np.maximum(rs.randn(*shape), 0).astype(np.float32)  # ReLU zeros tie
   x[0, :4, :4] = 1.0  # and so do these
-  ref = lambda x: nn.max_pool(x, (3, 3), strides=(2, 2), padding=padding)
-  ours = lambda x: models.max_pool(x, 3, 2, padding)
+  ref = lambda x: nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
+  ours = lambda x: models.max_pool(x, window, stride, padding)
   y = ref(jnp.asarray(x))
   np.testing.assert_array_equal(ours(jnp.asarray(x)), y)
   g = jnp.asarray(rs.randn(*y.shape).astype(np.float32))
