@@ -103,7 +103,7 @@ def test_train_flops_are_six_times_the_hand_counted_macs():
 def test_benchmark_writes_every_figure(tmp_path, capsys):
   out = tmp_path / 'result.json'
   config = _fashion_small()
-  train_step.benchmark_and_write(config, 'fashion_mnist', str(out), reps=1, steps=1,
+  train_step.benchmark_and_write(config, 'fashion_mnist', str(out), reps=3, steps=1,
                                  warmup=1, gemm_size=128)
   assert 'PyTorch' in capsys.readouterr().out
   r = json.loads(out.read_text())
@@ -113,6 +113,14 @@ def test_benchmark_writes_every_figure(tmp_path, capsys):
     assert r['mfu'][key] > 0
     assert r['epoch_sec'][key] > 0
   assert r['jax_vs_torch'] > 0 and r['compile_sec'] > 0
+  samples = r['samples_images_per_sec']
+  pairs = [j / t for j, t in zip(samples['jax'], samples['torch'])]
+  assert len(pairs) == 3 and r['jax_vs_torch_pairs']['each'] == pytest.approx(pairs)
+  assert r['jax_vs_torch_pairs']['median'] == pytest.approx(sorted(pairs)[1])
+  assert r['jax_vs_torch_pairs']['min'] == pytest.approx(min(pairs))
+  assert r['jax_vs_torch_pairs']['max'] == pytest.approx(max(pairs))
+  row = train_step.format_row({**r, 'name': 'fashion_mnist'})
+  assert row.count('|') == train_step.TABLE_HEADER.splitlines()[0].count('|')
   assert r['gemm_peak']['float32']['peak_flops_per_sec'] > 0
   assert r['memory_mib']['process_max_rss_mib'] > 0
   assert r['memory_mib']['xla_temp_mib'] > 0

@@ -296,6 +296,9 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
       time.sleep(0.2)  # lets the other framework's idle worker threads stop spinning
       samples[name].append(_median_rate(lambda run=run: run(steps), steps * batch, 1))
   rates = {k: statistics.median(v) for k, v in samples.items()}
+  # Each repetition times JAX and then PyTorch within seconds, so the ratio of a
+  # pair cancels most of the machine's drift; their spread shows what is left.
+  pairs = [j / t for j, t in zip(samples['jax'], samples['torch'])]
 
   peak = {'float32': measure_gemm_peak(gemm_size, 'float32')}
   if config.dtype != 'float32':
@@ -310,6 +313,8 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
       'image_size': config.dataset.image_size, 'batch': batch, 'dtype': config.dtype,
       'images_per_sec': rates,
       'jax_vs_torch': rates['jax'] / rates['torch'],
+      'jax_vs_torch_pairs': {'median': statistics.median(pairs), 'min': min(pairs),
+                             'max': max(pairs), 'each': pairs},
       'compile_sec': jax_info['compile_sec'],
       'first_step_sec': {'jax': jax_info['first_step_sec'],
                          'torch': torch_info['first_step_sec']},
@@ -349,7 +354,7 @@ def benchmark_and_write(config, name: str, out: str, **options) -> dict:
   ips = result['images_per_sec']
   print(f'{name} batch {result["batch"]} {result["dtype"]}: JAX {ips["jax"]:.1f} img/s, '
         f'PyTorch {ips["torch"]:.1f} img/s, ratio {result["jax_vs_torch"]:.2f} '
-        f'(target >= 1.0)')
+        f'(target >= 1.0); per interleaved pair {_pair_range(result)}')
   print(f'compile {result["compile_sec"]:.1f}s; {result["train_flops_per_image"] / 1e9:.2f} '
         f'GFLOP/image; JAX {result["achieved_flops_per_sec"]["jax"] / 1e9:.0f} GFLOP/s, '
         f'MFU {100 * result["mfu"]["jax"]:.0f}% of the {result["mfu_reference"]}; '
@@ -372,17 +377,23 @@ def _default_out(config, name: str) -> str:
                       f'_{config.dtype}.json')
 
 
+def _pair_range(r: dict) -> str:
+  p = r['jax_vs_torch_pairs']
+  return f'{p["min"]:.2f}-{p["max"]:.2f}'
+
+
 def format_row(r: dict) -> str:
   ips = r['images_per_sec']
   return (f'| {r["name"]} | {r["image_size"]} | {r["batch"]} | {r["dtype"]} | '
           f'{ips["jax"]:.1f} | {ips["torch"]:.1f} | {r["jax_vs_torch"]:.2f} | '
+          f'{_pair_range(r)} | '
           f'{r["achieved_flops_per_sec"]["jax"] / 1e9:.0f} | {100 * r["mfu"]["jax"]:.0f}% | '
           f'{r["compile_sec"]:.0f} | {r["memory_mib"].get("xla_temp_mib", 0):.0f} |')
 
 
 TABLE_HEADER = ('| config | size | batch | dtype | JAX img/s | PyTorch img/s | JAX/PyTorch '
-                '| JAX GFLOP/s | JAX MFU | compile s | XLA temp MiB |\n'
-                '|---|---|---|---|---|---|---|---|---|---|---|')
+                '| pairs | JAX GFLOP/s | JAX MFU | compile s | XLA temp MiB |\n'
+                '|---|---|---|---|---|---|---|---|---|---|---|---|')
 
 
 def run_suite(out: str, extra_args: list[str]) -> dict:
