@@ -48,6 +48,17 @@ def test_lr_inside_velocity_differs_from_optax_sgd():
   np.testing.assert_allclose(u1['k'], [-1.0], rtol=1e-6)
 
 
+def test_zero_learning_rate_only_decays_the_velocity():
+  # The step divides by 1 / lr; at lr = 0 (warm-up start) that must give a zero
+  # step, not inf * 0 = NaN.
+  tx = optim.paper_momentum(0.9, 0.0005)
+  w = {'k': jnp.array([1.0, -3.0])}
+  state = optim.PaperMomentumState({'k': jnp.array([0.5, -0.25])})
+  u, state = tx.update({'k': jnp.array([2.0, 7.0])}, state, w, learning_rate=0.0)
+  np.testing.assert_allclose(state.velocity['k'], [0.45, -0.225], rtol=1e-6)
+  np.testing.assert_allclose(u['k'], [0.45, -0.225], rtol=1e-6)
+
+
 def test_biases_are_not_decayed_by_default_mask():
   tx = optim.paper_momentum(0.0, 0.5, decay_mask=optim.kernels_only)
   w = {'conv': {'kernel': jnp.array([2.0]), 'bias': jnp.array([2.0])}}
