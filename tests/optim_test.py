@@ -1,5 +1,6 @@
 """The paper's update rule against three steps computed by hand."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -49,14 +50,36 @@ def test_lr_inside_velocity_differs_from_optax_sgd():
 
 
 def test_zero_learning_rate_only_decays_the_velocity():
-  # The step divides by 1 / lr; at lr = 0 (warm-up start) that must give a zero
-  # step, not inf * 0 = NaN.
+  # The step divides by a runtime 1 (1 + 0 * lr); at lr = 0 (warm-up start) the
+  # step must be exactly zero.
   tx = optim.paper_momentum(0.9, 0.0005)
   w = {'k': jnp.array([1.0, -3.0])}
   state = optim.PaperMomentumState({'k': jnp.array([0.5, -0.25])})
   u, state = tx.update({'k': jnp.array([2.0, 7.0])}, state, w, learning_rate=0.0)
   np.testing.assert_allclose(state.velocity['k'], [0.45, -0.225], rtol=1e-6)
   np.testing.assert_allclose(u['k'], [0.45, -0.225], rtol=1e-6)
+
+
+def test_jitted_update_is_bit_identical_to_the_plain_product():
+  # The division by a runtime 1 is there for XLA's fusion only: jitted as in the
+  # train step, every value must be exactly that of lr * (g + wd w) jitted.
+  rs = np.random.RandomState(0)
+  w, v, g = (jnp.asarray(rs.randn(64, 32).astype(np.float32)) for _ in range(3))
+
+  @jax.jit
+  def plain(v, g, w, lr):
+    delta = lr * (g + 0.0005 * w)
+    v_new = 0.9 * v - delta
+    return v_new, 0.9 * v_new - delta
+
+  for nesterov in (False, True):
+    tx = optim.paper_momentum(0.9, 0.0005, nesterov=nesterov)
+    update = jax.jit(lambda g, s, w, lr: tx.update(g, s, w, learning_rate=lr))
+    u, s = update({'k': g}, optim.PaperMomentumState({'k': v}), {'k': w}, 0.0137)
+    v_new, nesterov_update = plain(v, g, w, jnp.float32(0.0137))
+    assert not np.array_equal(v_new, v)  # a real step was taken
+    np.testing.assert_array_equal(s.velocity['k'], v_new)
+    np.testing.assert_array_equal(u['k'], nesterov_update if nesterov else v_new)
 
 
 def test_biases_are_not_decayed_by_default_mask():
