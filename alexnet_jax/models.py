@@ -238,12 +238,29 @@ def _kernel_init(init: str, std: float):
   raise ValueError(f"model.init must be 'paper' or 'he', got {init!r}")
 
 
+def _conv(x, kernel, stride, padding):
+  return jax.lax.conv_general_dilated(
+      x, kernel, window_strides=(stride, stride), padding=padding,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
 class TowerConv(nn.Module):
   """A convolution whose output channels are split into `towers` towers.
 
-  grouped=True: tower t sees only input channel block t (conv2, conv4, conv5).
-  grouped=False: every tower sees all inputs (conv1, conv3); it is then one
-  ordinary convolution, which is exactly the concatenation of the towers.
+  Takes either one array (channels in canonical order) or a list of the
+  towers' arrays, and returns the list of the towers' outputs, each with
+  `features / towers` channels; tower t owns output channels
+  `[t * n / towers, (t + 1) * n / towers)` of the canonical kernel.
+
+  grouped=True: tower t sees only input channel block t (conv2, conv4, conv5)
+  and is a convolution of its own input array.
+  grouped=False: every tower sees all inputs (conv1, conv3): one ordinary
+  convolution of the towers' inputs side by side, whose output is then split.
+
+  Keeping the towers as separate arrays between layers, as the two GPUs of the
+  paper do, rather than as channel slices of one array, lets XLA materialise
+  each tower's activations once: sliced from one array, the ReLU, LRN and
+  pool in front of a grouped convolution were recomputed for every slice.
   """
   features: int
   kernel_size: int
@@ -257,33 +274,37 @@ class TowerConv(nn.Module):
   dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BHWC: jax.Array) -> jax.Array:
-    in_ch = x_BHWC.shape[-1]
-    groups = self.towers if self.grouped else 1
-    if in_ch % groups or self.features % self.towers:
+  def __call__(self, xs: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
+    towers = self.towers
+    one_array = not isinstance(xs, (list, tuple))
+    in_ch = xs.shape[-1] if one_array else sum(x.shape[-1] for x in xs)
+    groups = towers if self.grouped else 1
+    if in_ch % groups or self.features % towers:
       raise ValueError(
           f'{self.name}: {in_ch} input / {self.features} output channels do not '
-          f'split into {self.towers} towers')
+          f'split into {towers} towers')
     kh = kw = self.kernel_size
     kernel = self.param('kernel', _kernel_init(self.weight_init, self.init_std),
                         (kh, kw, in_ch // groups, self.features), jnp.float32)
     bias = self.param('bias', nn.initializers.constant(self.bias_init_value),
                       (self.features,), jnp.float32)
-    x = x_BHWC.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
     pad = self.padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
-    conv = functools.partial(
-        jax.lax.conv_general_dilated, window_strides=(self.stride, self.stride),
-        padding=pad, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    if groups == 1:
-      y = conv(x, kernel)
+    conv = functools.partial(_conv, stride=self.stride, padding=pad)
+    if self.grouped:
+      if one_array:
+        xs = jnp.split(xs, towers, axis=-1)
+      if len(xs) != towers:
+        raise ValueError(f'{self.name}: {len(xs)} tower inputs for {towers} towers')
+      ys = [conv(x.astype(self.dtype), k)
+            for x, k in zip(xs, jnp.split(kernel, towers, axis=-1))]
     else:
-      xs = jnp.split(x, groups, axis=-1)
-      ks = jnp.split(kernel, groups, axis=-1)
-      y = jnp.concatenate([conv(xi, ki) for xi, ki in zip(xs, ks)], axis=-1)
-    return add_bias(y, bias)
+      x = xs if one_array else jnp.concatenate(xs, axis=-1)
+      y = conv(x.astype(self.dtype), kernel)
+      ys = [y] if towers == 1 else jnp.split(y, towers, axis=-1)
+    return [add_bias(y, b) for y, b in zip(ys, jnp.split(bias, towers))]
 
 
 class AlexNet(nn.Module):
@@ -323,8 +344,7 @@ class AlexNet(nn.Module):
       return x
     return local_response_norm(
         x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
-        beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size,
-        towers=self.towers)
+        beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size)
 
   def _pool(self, x):
     w, s = self.pool_window, self.pool_stride
@@ -332,18 +352,23 @@ class AlexNet(nn.Module):
 
   @nn.compact
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
-    x = images_BHWC
+    # Activations are lists of the towers' arrays (see TowerConv); each tower
+    # normalises and pools only its own maps, as each GPU did in the paper.
+    each = lambda f, xs: [f(x) for x in xs]
+    relu_lrn_pool = lambda x: self._pool(self._lrn(nn.relu(x)))
     # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
     # that the ReLUs receive positive inputs early on (section 5).
-    x = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
-                   padding=self.conv1_padding)(x)
-    x = self._pool(self._lrn(nn.relu(x)))
-    x = self._conv(1, grouped=True, bias=1.0)(x)
-    x = self._pool(self._lrn(nn.relu(x)))
-    x = nn.relu(self._conv(2, grouped=False, bias=0.0)(x))
-    x = nn.relu(self._conv(3, grouped=True, bias=1.0)(x))
-    x = nn.relu(self._conv(4, grouped=True, bias=1.0)(x))
-    x = self._pool(x)
+    xs = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
+                    padding=self.conv1_padding)(images_BHWC)
+    xs = each(relu_lrn_pool, xs)
+    xs = each(relu_lrn_pool, self._conv(1, grouped=True, bias=1.0)(xs))
+    xs = each(nn.relu, self._conv(2, grouped=False, bias=0.0)(xs))
+    xs = each(nn.relu, self._conv(3, grouped=True, bias=1.0)(xs))
+    xs = each(nn.relu, self._conv(4, grouped=True, bias=1.0)(xs))
+    xs = each(self._pool, xs)
+    # Side by side before flattening: fc6's kernel rows follow the canonical
+    # (h, w, c) order of the single-array network.
+    x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)
     x = x.reshape((x.shape[0], -1))
     dense = functools.partial(
         nn.Dense, kernel_init=_kernel_init(self.weight_init, self.init_std),

@@ -50,7 +50,11 @@ def layer_table(config) -> list[dict]:
   params, inter = jax.eval_shape(init_and_run, jax.random.key(0))
   rows = []
   for name, layer in params.items():
-    out_shape = tuple(inter[name]['__call__'][0].shape[1:])
+    out = inter[name]['__call__'][0]
+    if isinstance(out, (list, tuple)):  # a TowerConv's towers, side by side
+      out_shape = out[0].shape[1:-1] + (sum(t.shape[-1] for t in out),)
+    else:
+      out_shape = tuple(out.shape[1:])
     kernel = layer['kernel'].shape
     n_params = sum(int(np.prod(p.shape)) for p in layer.values())
     # Each output value costs one multiply-add per kernel weight feeding it:

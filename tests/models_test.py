@@ -114,13 +114,41 @@ def test_grouped_conv_equals_torch_grouped_conv():
   x = rs.randn(2, 9, 9, 8).astype(np.float32)
   conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=True)
   params = conv.init(jax.random.key(0), jnp.asarray(x))
-  ours = conv.apply(params, jnp.asarray(x))
+  ours = jnp.concatenate(conv.apply(params, jnp.asarray(x)), axis=-1)
   kernel = np.asarray(params['params']['kernel'])  # HWIO, I = in / groups
   ref = torch.nn.functional.conv2d(
       torch.from_numpy(x.transpose(0, 3, 1, 2)),
       torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
       torch.from_numpy(np.array(params['params']['bias'])), padding=1, groups=2)
   np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('grouped', [True, False])
+def test_tower_lists_equal_one_grouped_convolution(grouped):
+  """Towers as separate arrays compute lax's feature-grouped conv, gradients too."""
+  rs = np.random.RandomState(5)
+  x = jnp.asarray(rs.randn(2, 7, 7, 8).astype(np.float32))
+  w = jnp.asarray(rs.randn(2, 7, 7, 6).astype(np.float32))  # output weights
+  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=grouped)
+  params = conv.init(jax.random.key(0), x)['params']
+
+  def ours(params, x):  # fed the towers' arrays, as inside AlexNet
+    ys = conv.apply({'params': params}, list(jnp.split(x, 2, axis=-1)))
+    assert [y.shape[-1] for y in ys] == [3, 3]
+    return jnp.sum(jnp.concatenate(ys, axis=-1) * w)
+
+  def reference(params, x):
+    y = jax.lax.conv_general_dilated(
+        x, params['kernel'], (1, 1), [(1, 1), (1, 1)],
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=2 if grouped else 1)
+    return jnp.sum((y + params['bias']) * w)
+
+  got = jax.grad(ours, argnums=(0, 1))(params, x)
+  want = jax.grad(reference, argnums=(0, 1))(params, x)
+  np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=1e-5)
+  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
 
 
 def test_paper_initialisation():

@@ -10,7 +10,7 @@ function.
 Towers: grouped layers use one `nn.Conv2d(groups=towers)` by default, the
 usual PyTorch formulation, which oneDNN runs as one primitive;
 `tower_mode='split'` (two convolutions on channel slices plus a
-concatenation, as models.py) is there to compare (`--torch_towers=split` in
+concatenation) is there to compare (`--torch_towers=split` in
 the benchmark); on the paper model they measured the same (18.6 vs 18.5 img/s).
 
 Layout: `channels_last` (NHWC) by default: 20% faster than NCHW here.
@@ -111,7 +111,7 @@ class TowerConv(nn.Module):
 
   tower_mode='groups': one `nn.Conv2d(groups=towers)` for grouped layers.
   tower_mode='split': one convolution per tower on its channel slice, then
-  concatenation (the formulation of models.py).
+  concatenation.
   """
 
   def __init__(self, in_ch: int, out_ch: int, kernel: int, stride: int,
