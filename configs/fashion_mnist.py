@@ -11,8 +11,8 @@ plus horizontal flips; its ten-patch test becomes the four corners and centre
 of the padded image and their reflections. Nesterov momentum with the paper's
 update rule and a one-cycle learning-rate schedule fit the short budget.
 
-Expected on a 2-core CPU (README, "Fashion-MNIST demo"): 92.55% test accuracy
-on all 10,000 test images with the ten-patch test, in about 13.5 minutes
+Expected on a 2-core CPU (README, "Fashion-MNIST demo"): 92.66% test accuracy
+on all 10,000 test images with the ten-patch test, in about 14 minutes
 including dataset preparation and compilation (~1,300 train images/s).
 """
 
@@ -43,9 +43,9 @@ def get_config():
   config.model.conv1_padding = 2
   config.model.pool_padding = 'SAME'
   config.model.fc_features = (1024, 1024)
-  # 16 epochs leave the network short of fitting the training set (train
-  # error with augmentation ~ test error); the paper's 0.5 held it back:
-  # 92.25% test accuracy with 0.5, 92.55% with 0.3 (README).
+  # The short schedule leaves the network short of fitting the training set
+  # (train error with augmentation ~ test error); the paper's 0.5 held it
+  # back: 92.25% test accuracy with 0.5, 92.55% with 0.3 at 16 epochs (README).
   config.model.dropout_rate = 0.3
   config.model.init = 'he'
 
@@ -54,7 +54,9 @@ def get_config():
   config.schedule.base_lr = 0.05
   config.global_batch_size = 128
   config.eval_batch_size = 500
-  config.num_epochs = 16
+  # 18 epochs fit in the time 16 took before the towers became separate
+  # arrays: 92.66% against 92.31% for 16 epochs of the same step (README).
+  config.num_epochs = 18
   config.eval_every_epochs = 2.0
   # The paper's test: softmax averaged over ten patches (corners and centre
   # of the padded image, and their reflections) for the final figures;
