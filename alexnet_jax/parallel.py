@@ -222,7 +222,7 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     y = jax.lax.conv_general_dilated(
         x.astype(dt), p[name]['kernel'].astype(dt), (stride, stride), pad,
         dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    return y + p[name]['bias'].astype(dt)
+    return models.add_bias(y, p[name]['bias'])
 
   def lrn(x):
     if not model.use_lrn:
@@ -234,8 +234,7 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
         beta=model.lrn_beta, alpha_over_size=model.lrn_alpha_over_size, towers=1)
 
   def pool(x):
-    w, s = model.pool_window, model.pool_stride
-    return nn.max_pool(x, (w, w), strides=(s, s), padding=model.pool_padding)
+    return models.max_pool(x, model.pool_window, model.pool_stride, model.pool_padding)
 
   def dense(name, x):
     return x.astype(dt) @ p[name]['kernel'].astype(dt) + p[name]['bias'].astype(dt)
