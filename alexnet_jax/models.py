@@ -12,9 +12,9 @@ The layout therefore does not depend on how the towers are computed or placed
 on devices, and a checkpoint is portable between layouts.
 
 On XLA CPU a convolution with `feature_group_count=2` is several times slower
-than two ordinary convolutions on the channel halves, so groups are computed as
-split -> one convolution per tower -> concatenate. Two more CPU-driven
-choices, each exact: max pooling and the conv bias add have hand-written
+than two ordinary convolutions, so each tower is one convolution of its own
+array, and between layers the towers stay separate arrays (see `TowerConv`).
+Two more CPU-driven choices, each exact: max pooling and the conv bias add have hand-written
 gradients (`max_pool`, `add_bias`), because XLA CPU's select_and_scatter and
 its reduce-window trees for bias gradients were large parts of the step.
 """
