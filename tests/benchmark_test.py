@@ -159,6 +159,30 @@ def test_trainer_entry_point_sets_the_cpu_defaults_before_jax_loads(user_flags, 
   assert out[1] == 'False'  # XLA reads the flags when JAX starts: it must not have
 
 
+def test_huge_pages_tunable_is_added_once_and_never_overrides_the_user():
+  assert xla_flags.with_huge_pages('') == 'glibc.malloc.hugetlb=1'
+  assert xla_flags.with_huge_pages('glibc.malloc.arena_max=2') == (
+      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
+  assert xla_flags.with_huge_pages('glibc.malloc.hugetlb=0') is None
+  assert xla_flags.with_huge_pages(xla_flags.with_huge_pages('')) is None
+
+
+def test_trainer_restarts_itself_with_huge_pages_keeping_its_arguments():
+  env = dict(os.environ)
+  for name in ('GLIBC_TUNABLES', 'ALEXNET_XLA_DEFAULTS'):
+    env.pop(name, None)
+  # --helpfull is answered by absl after the restart; the restarted process's
+  # environment is visible in /proc/self/environ, read by a flag-free probe.
+  probe = ('import os, sys; from alexnet_jax import xla_flags; '
+           'print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True); '
+           'xla_flags.restart_with_huge_pages("tests.restart_probe")')
+  out = subprocess.run([sys.executable, '-c', probe, 'a', '--b=1'], cwd=REPO, env=env,
+                       check=True, capture_output=True, text=True).stdout.split('\n')
+  assert out[0] == "None ['a', '--b=1']"  # before the restart
+  assert out[1] == "glibc.malloc.hugetlb=1 ['a', '--b=1']"  # the restarted module
+  assert out[2] == ''  # and no second restart
+
+
 def _all_eqns(jaxpr):
   for eqn in jaxpr.eqns:
     yield eqn

@@ -462,4 +462,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  xla_flags.restart_with_huge_pages('alexnet_jax.benchmarks.train_step')  # see xla_flags: malloc's huge pages
   app.run(main)

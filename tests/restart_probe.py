@@ -1,0 +1,10 @@
+"""Prints what `xla_flags.restart_with_huge_pages` restarted it with (tests only)."""
+
+import os
+import sys
+
+from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
+
+if __name__ == '__main__':
+  print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)
+  xla_flags.restart_with_huge_pages('tests.restart_probe')
