@@ -12,8 +12,8 @@ of the padded image and their reflections. Nesterov momentum with the paper's
 update rule and a one-cycle learning-rate schedule fit the short budget.
 
 Expected on a 2-core CPU (README, "Fashion-MNIST demo"): 92.66% test accuracy
-on all 10,000 test images with the ten-patch test, in about 14 minutes
-including dataset preparation and compilation (~1,300 train images/s).
+on all 10,000 test images with the ten-patch test, in about 10 minutes
+including dataset preparation and compilation (~2,000 train images/s).
 """
 
 from alexnet_jax import config_lib
