@@ -238,7 +238,8 @@ def _kernel_init(init: str, std: float):
   raise ValueError(f"model.init must be 'paper' or 'he', got {init!r}")
 
 
-def _conv(x, kernel, stride, padding):
+def conv_nhwc(x, kernel, stride, padding):
+  """A convolution in the NHWC / HWIO layout used throughout (one tower's)."""
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
@@ -292,7 +293,7 @@ class TowerConv(nn.Module):
     pad = self.padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
-    conv = functools.partial(_conv, stride=self.stride, padding=pad)
+    conv = functools.partial(conv_nhwc, stride=self.stride, padding=pad)
     if self.grouped:
       if one_array:
         xs = jnp.split(xs, towers, axis=-1)

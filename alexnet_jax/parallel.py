@@ -219,9 +219,7 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     pad = k // 2 if padding is None else padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
-    y = jax.lax.conv_general_dilated(
-        x.astype(dt), p[name]['kernel'].astype(dt), (stride, stride), pad,
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    y = models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad)
     return models.add_bias(y, p[name]['bias'])
 
   def lrn(x):

@@ -39,6 +39,10 @@ CPU_DEFAULTS = (
 )
 
 
+def _defaults_enabled() -> bool:
+  return os.environ.get('ALEXNET_XLA_DEFAULTS', '1') != '0'
+
+
 def with_cpu_defaults(xla_flags: str) -> str:
   """`xla_flags` plus every default flag it does not set itself."""
   present = {part.split('=', 1)[0].lstrip('-') for part in xla_flags.split()}
@@ -52,7 +56,7 @@ def set_cpu_defaults() -> bool:
   Returns False (and changes nothing) when JAX has already opened a backend,
   since XLA would no longer read the variable, or when ALEXNET_XLA_DEFAULTS=0.
   """
-  if os.environ.get('ALEXNET_XLA_DEFAULTS', '1') == '0':
+  if not _defaults_enabled():
     return False
   if 'jax' in sys.modules:
     from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -84,7 +88,7 @@ def restart_with_huge_pages(module: str) -> None:
   or when `GLIBC_TUNABLES` already names the tunable (so after the restart).
   """
   import platform  # pylint: disable=g-import-not-at-top
-  if os.environ.get('ALEXNET_XLA_DEFAULTS', '1') == '0' or not sys.platform.startswith('linux'):
+  if not _defaults_enabled() or not sys.platform.startswith('linux'):
     return
   if platform.libc_ver()[0] != 'glibc':
     return

@@ -171,8 +171,8 @@ def test_trainer_restarts_itself_with_huge_pages_keeping_its_arguments():
   env = dict(os.environ)
   for name in ('GLIBC_TUNABLES', 'ALEXNET_XLA_DEFAULTS'):
     env.pop(name, None)
-  # --helpfull is answered by absl after the restart; the restarted process's
-  # environment is visible in /proc/self/environ, read by a flag-free probe.
+  # The probe prints its tunables and arguments, then restarts as
+  # tests/restart_probe.py, which prints them again and tries to restart again.
   probe = ('import os, sys; from alexnet_jax import xla_flags; '
            'print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True); '
            'xla_flags.restart_with_huge_pages("tests.restart_probe")')
