@@ -304,9 +304,8 @@ def model_parallel_train_step(state, batch, *, model: models.AlexNet, layout: La
   loss, logits, grads = tower_grads(state.params, batch, model=model, layout=layout,
                                     rng=rng)
   lr = schedule(state.step) * state.lr_scale
-  updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                 learning_rate=lr)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = train_lib.apply_optimizer(tx, grads, state.opt_state,
+                                                state.params, lr)
   # Every tower of a replica holds the replica's loss and logits, so the mean
   # over all devices is the mean over replicas.
   metrics = jax.lax.pmean({

@@ -94,9 +94,7 @@ def train_step(state: TrainState, batch, *, model: models.AlexNet,
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   grads = jax.lax.pmean(grads, AXIS)
   lr = schedule(state.step) * state.lr_scale
-  updates, opt_state = tx.update(grads, state.opt_state, state.params,
-                                 learning_rate=lr)
-  params = optax.apply_updates(state.params, updates)
+  params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params, lr)
   metrics = jax.lax.pmean({
       'train_loss': loss,
       'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
@@ -104,6 +102,28 @@ def train_step(state: TrainState, batch, *, model: models.AlexNet,
   metrics['lr'] = lr
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
+
+
+def apply_optimizer(tx: optax.GradientTransformationExtraArgs, grads, opt_state,
+                    params, lr):
+  """(new params, new optimiser state): `tx`'s update applied to `params`.
+
+  Inside `jax.pmap` every per-device array reaches the step without its
+  leading axis of 1, so the step's HLO reshapes each parameter and velocity
+  on the way in and back on the way out. XLA CPU will not write a fusion's
+  result over an operand it reads through such a reshape, so it copied every
+  parameter and velocity each step (about 1 GB of memory traffic for
+  AlexNet). Doing the update on `a[None]` views makes the reshapes cancel and
+  the update is written in place; the values are the same bit for bit
+  (tested). Paper model, batch 64, same process: 1.42 s -> 0.96 s per step
+  (median of 8 interleaved steps); single tower 1.23 s -> 0.89 s.
+  """
+  expand = lambda tree: jax.tree.map(lambda a: a[None], tree)
+  squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)
+  params = expand(params)
+  updates, opt_state = tx.update(expand(grads), expand(opt_state), params,
+                                 learning_rate=lr)
+  return squeeze(optax.apply_updates(params, updates)), squeeze(opt_state)
 
 
 def eval_step(params, batch, *, model: models.AlexNet):

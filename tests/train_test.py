@@ -252,3 +252,46 @@ def test_plateau_rule_unit():
   assert [p.update(e) for e in (0.5, 0.45, 0.445, 0.44, 0.30, 0.299, 0.298, 0.2)] == [
       False, False, False, True, False, False, False, False]
   assert p.reductions == 1 and p.best == 0.2
+
+
+def _pmapped_update(tx, in_place):
+  """The optimiser step alone, pmapped over one device as in the train step."""
+  def step(grads, params, opt_state):  # donated in the order they are returned
+    lr = jnp.float32(0.0137)
+    if in_place:
+      return train.apply_optimizer(tx, grads, opt_state, params, lr)
+    updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
+    return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
+  return jax.pmap(step, axis_name=train.AXIS, devices=jax.local_devices()[:1],
+                  donate_argnums=(1, 2))
+
+
+@pytest.mark.parametrize('name', ['paper_momentum', 'adamw'])
+def test_optimizer_step_is_written_in_place_with_the_same_values(name):
+  rs = np.random.RandomState(0)
+  shapes = {'conv': {'kernel': (3, 3, 4, 8), 'bias': (8,)}, 'fc': {'kernel': (256, 128)}}
+  make = lambda: jax.tree.map(lambda s: rs.randn(1, *s).astype(np.float32), shapes,
+                              is_leaf=lambda s: isinstance(s, tuple))
+  params, grads = make(), make()
+  config = config_lib.base_config().optimizer
+  config.name = name
+  tx = optim.create_optimizer(config)
+  opt_state = jax.pmap(tx.init, devices=jax.local_devices()[:1])(params)
+  # A first step so that the velocity (or Adam's moments) is not zero.
+  opt_state = _pmapped_update(tx, False)(grads, params, opt_state)[1]
+  results, copies = {}, {}
+  for in_place in (False, True):
+    step = _pmapped_update(tx, in_place)
+    copies[in_place] = step.lower(grads, params, opt_state).compile().as_text().count(' copy(')
+    copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its inputs
+    results[in_place] = step(grads, copy(params), copy(opt_state))
+  # Without the leading-axis views XLA copies buffers (for the paper's rule,
+  # every parameter and velocity); with them it copies none.
+  assert copies[False] >= (2 * len(jax.tree.leaves(params)) if name == 'paper_momentum' else 1), copies
+  assert copies[True] == 0, copies
+  if name == 'paper_momentum':  # the same values bit for bit
+    jax.tree.map(np.testing.assert_array_equal, results[False], results[True])
+  else:  # Adam's division and square root are fused differently: 1-ulp changes
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                 results[False], results[True])
+  assert not np.array_equal(results[True][0]['fc']['kernel'], params['fc']['kernel'])
