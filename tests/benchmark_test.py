@@ -242,3 +242,46 @@ def test_input_benchmark_measures_every_variant_on_the_same_images():
   amortised = r['also']['tf_pipeline_with_copy_over_90_epochs']
   assert 1 / amortised == pytest.approx(1 / rates['tf_pipeline'] + 1 / (90 * rates['tf_make_squares']))
   assert r['targets']['tf_pipeline >= 0.8x tf_decode'] == (r['tf_pipeline_vs_tf_decode'] >= 0.8)
+
+
+@pytest.mark.parametrize('name', ['paper', 'single_tower', 'fashion_mnist'])
+def test_conv_layer_geometry_matches_the_models_own_shapes(name):
+  from alexnet_jax import summary  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
+  from conftest import load_config  # pylint: disable=g-import-not-at-top
+  config = load_config(name)
+  traced = {r['layer']: r for r in summary.layer_table(config)}
+  layers = conv_layers.conv_layers(config)
+  assert [l['layer'] for l in layers] == [f'conv{i}' for i in range(1, 6)]
+  for layer in layers:
+    row = traced[layer['layer']]
+    assert (layer['out_size'], layer['out_size'], layer['out_channels']) == row['output_shape']
+    assert layer['in_channels'] // layer['groups'] == row['in_features']
+    assert layer['macs_per_image'] == row['macs']
+
+
+@pytest.mark.parametrize('config_fn', [tiny_single_tower_config, _fashion_small])
+def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_fn, tmp_path):
+  from alexnet_jax.benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
+  config = config_fn()
+  config.global_batch_size = 2
+  for layer in conv_layers.conv_layers(config):
+    inputs = conv_layers.make_inputs(layer, 2)
+    ours, theirs = (conv_layers.jax_parts(layer, inputs), conv_layers.torch_parts(layer, inputs))
+    for part in conv_layers.PARTS:
+      a = np.concatenate([np.asarray(t) for t in ours[part]()], -1)
+      b = theirs[part]().numpy()
+      assert a.shape == b.shape, (layer['layer'], part)
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(),
+                                 err_msg=f'{layer["layer"]} {part}')
+  r = conv_layers.run_benchmark(config, reps=2)
+  conv1 = r['layers'][0]
+  assert conv1['counted_parts'] == ['forward', 'kernel_grad']  # never the images' gradient
+  for fw in ('jax', 'torch'):
+    for row in r['layers']:
+      s = row['seconds'][fw]
+      assert all(s[p] > 0 for p in conv_layers.PARTS)
+      assert s['total'] == pytest.approx(sum(s[p] for p in row['counted_parts']))
+    assert r['total_seconds'][fw] == pytest.approx(
+        sum(row['seconds'][fw]['total'] for row in r['layers']))
+  assert conv_layers.format_row(conv1).count('|') == conv_layers.TABLE_HEADER.splitlines()[0].count('|')

@@ -32,7 +32,6 @@ Targets: tf_pipeline >= 1.3x pil_numpy and >= 0.8x tf_decode.
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ import numpy as np
 import PIL
 from PIL import Image
 
+from alexnet_jax import benchmarks
 
 
 def define_flags():
@@ -259,10 +259,7 @@ def main(argv):
   print(f'tf_pipeline / tf_decode = {result["tf_pipeline_vs_tf_decode"]:.2f} (target >= 0.8)')
   for name, value in result['also'].items():
     print(f'{name} = {value:.2f}')
-  os.makedirs(os.path.dirname(os.path.abspath(f.out)), exist_ok=True)
-  with open(f.out, 'w') as fp:
-    json.dump(result, fp, indent=2)
-  print(f'Wrote {f.out}')
+  benchmarks.write_json(result, f.out)
 
 
 if __name__ == '__main__':

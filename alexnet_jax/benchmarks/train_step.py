@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import sys
 
+from alexnet_jax import benchmarks
 from alexnet_jax import xla_flags
 
 xla_flags.set_cpu_defaults()  # must precede the first JAX import
@@ -366,10 +367,7 @@ def benchmark_and_write(config, name: str, out: str, **options) -> dict:
           f'PyTorch {e["torch"]:.0f}s')
   print(f'load average before/after: {result["machine"]["loadavg_before"]} / '
         f'{result["machine"]["loadavg_after"]}')
-  os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-  with open(out, 'w') as fp:
-    json.dump(result, fp, indent=2)
-  print(f'Wrote {out}')
+  benchmarks.write_json(result, out)
   return result
 
 
