@@ -21,12 +21,21 @@ are compiled as before, so GPU runs keep their own defaults.
 
 Memory: XLA CPU allocates a step's temporaries (0.9-1.6 GB for the paper model)
 afresh at every step, and glibc's malloc serves allocations that large with a
-new mmap, so every step page-faulted them in 4 KiB pages again: 400,000 faults
-and 1.5-2.7 s of kernel time per paper step at batch 128. `restart_with_huge_pages`
-restarts the command (same pid, arguments and environment) with
-`GLIBC_TUNABLES=glibc.malloc.hugetlb=1`, under which malloc asks for transparent
-huge pages; glibc reads its tunables only when a process starts. It is done by
-the entry points (`alexnet_jax.main`, the benchmarks), never on import.
+new mmap and unmaps them when they are freed, so every step page-faulted them
+in again: 400,000 faults of 4 KiB and 1.5-2.7 s of kernel time per paper step
+at batch 128. With huge pages alone the faults were 2 MiB each, but every
+other step still spent 1.2-2.1 s in the kernel taking them. So
+`restart_with_malloc_defaults` restarts the command (same pid, arguments and
+environment) with these `GLIBC_TUNABLES` (MALLOC_TUNABLES): huge pages
+(`hugetlb=1`), one arena for all threads (`arena_max=1`), large blocks from
+that arena's heap rather than from mmap (`mmap_max=0`), and a heap that is
+never shrunk (`trim_threshold`): the step's memory is faulted in once and then
+reused, and later steps take no page faults at all. glibc reads its tunables
+only when a process starts. It is done by the entry points (`alexnet_jax.main`,
+the benchmarks), never on import, and only when JAX will run on the CPU: not
+when JAX_PLATFORMS names another platform first or an accelerator plugin
+(CUDA, ROCm, TPU) is installed, since the one arena would serialise a GPU
+host's input threads.
 """
 
 from __future__ import annotations
@@ -66,33 +75,50 @@ def set_cpu_defaults() -> bool:
   return True
 
 
-HUGE_PAGES_TUNABLE = ('glibc.malloc.hugetlb', '1')
+# (tunable, value): see "Memory" above. A tunable the user set is left alone.
+MALLOC_TUNABLES = (
+    ('glibc.malloc.hugetlb', '1'),
+    ('glibc.malloc.arena_max', '1'),
+    ('glibc.malloc.mmap_max', '0'),
+    ('glibc.malloc.trim_threshold', str(1 << 40)),
+)
+ACCELERATOR_PLUGINS = ('jax_plugins', 'jax_cuda12_plugin', 'jax_cuda13_plugin',
+                       'jax_rocm7_plugin', 'libtpu')
 
 
-def with_huge_pages(tunables: str) -> str | None:
-  """`GLIBC_TUNABLES` with malloc's huge pages on; None if it already sets them.
+def with_malloc_defaults(tunables: str) -> str | None:
+  """`GLIBC_TUNABLES` plus every MALLOC_TUNABLES entry it does not name.
 
-  A `glibc.malloc.hugetlb` the user set, to any value, is left alone.
+  None when it names them all (to any value), so nothing would change.
   """
-  name, value = HUGE_PAGES_TUNABLE
   parts = [p for p in tunables.split(':') if p]
-  if any(p.split('=', 1)[0] == name for p in parts):
-    return None
-  return ':'.join(parts + [f'{name}={value}'])
+  present = {p.split('=', 1)[0] for p in parts}
+  extra = [f'{name}={value}' for name, value in MALLOC_TUNABLES if name not in present]
+  return ':'.join(parts + extra) if extra else None
 
 
-def restart_with_huge_pages(module: str) -> None:
-  """Re-executes `python -m module <args>` with malloc's huge pages on.
+def runs_on_cpu() -> bool:
+  """Whether JAX will pick the CPU, judged without importing it."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  platforms = os.environ.get('JAX_PLATFORMS', '').strip()
+  if platforms:
+    return platforms.split(',')[0].strip() == 'cpu'
+  return not any(importlib.util.find_spec(m) for m in ACCELERATOR_PLUGINS)
+
+
+def restart_with_malloc_defaults(module: str) -> None:
+  """Re-executes `python -m module <args>` with MALLOC_TUNABLES added.
 
   Returns (and changes nothing) off Linux/glibc, when ALEXNET_XLA_DEFAULTS=0,
-  or when `GLIBC_TUNABLES` already names the tunable (so after the restart).
+  when JAX will not run on the CPU, or when `GLIBC_TUNABLES` already names
+  every tunable (so after the restart).
   """
   import platform  # pylint: disable=g-import-not-at-top
   if not _defaults_enabled() or not sys.platform.startswith('linux'):
     return
-  if platform.libc_ver()[0] != 'glibc':
+  if platform.libc_ver()[0] != 'glibc' or not runs_on_cpu():
     return
-  tunables = with_huge_pages(os.environ.get('GLIBC_TUNABLES', ''))
+  tunables = with_malloc_defaults(os.environ.get('GLIBC_TUNABLES', ''))
   if tunables is None:
     return
   sys.stdout.flush()

@@ -159,28 +159,51 @@ def test_trainer_entry_point_sets_the_cpu_defaults_before_jax_loads(user_flags, 
   assert out[1] == 'False'  # XLA reads the flags when JAX starts: it must not have
 
 
-def test_huge_pages_tunable_is_added_once_and_never_overrides_the_user():
-  assert xla_flags.with_huge_pages('') == 'glibc.malloc.hugetlb=1'
-  assert xla_flags.with_huge_pages('glibc.malloc.arena_max=2') == (
-      'glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1')
-  assert xla_flags.with_huge_pages('glibc.malloc.hugetlb=0') is None
-  assert xla_flags.with_huge_pages(xla_flags.with_huge_pages('')) is None
+def test_malloc_tunables_are_added_once_and_never_override_the_user():
+  every = ':'.join(f'{n}={v}' for n, v in xla_flags.MALLOC_TUNABLES)
+  assert every.startswith('glibc.malloc.hugetlb=1:glibc.malloc.arena_max=1:')
+  assert xla_flags.with_malloc_defaults('') == every
+  # A user's value stays, in its place; only the missing ones are added.
+  assert xla_flags.with_malloc_defaults('glibc.malloc.arena_max=2:glibc.rtld.x=1') == (
+      'glibc.malloc.arena_max=2:glibc.rtld.x=1:' + every.replace('glibc.malloc.arena_max=1:', ''))
+  assert xla_flags.with_malloc_defaults(every.replace('hugetlb=1', 'hugetlb=0')) is None
+  assert xla_flags.with_malloc_defaults(xla_flags.with_malloc_defaults('')) is None
 
 
-def test_trainer_restarts_itself_with_huge_pages_keeping_its_arguments():
+_PROBE = ('import os, sys; from alexnet_jax import xla_flags; '
+          'print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True); '
+          'xla_flags.restart_with_malloc_defaults("tests.restart_probe")')
+
+
+def _run_probe(**env_vars):
   env = dict(os.environ)
-  for name in ('GLIBC_TUNABLES', 'ALEXNET_XLA_DEFAULTS'):
+  for name in ('GLIBC_TUNABLES', 'ALEXNET_XLA_DEFAULTS', 'JAX_PLATFORMS'):
     env.pop(name, None)
+  env.update(env_vars)
+  return subprocess.run([sys.executable, '-c', _PROBE, 'a', '--b=1'], cwd=REPO, env=env,
+                        check=True, capture_output=True, text=True).stdout.split('\n')
+
+
+def test_trainer_restarts_itself_with_malloc_tunables_keeping_its_arguments():
   # The probe prints its tunables and arguments, then restarts as
   # tests/restart_probe.py, which prints them again and tries to restart again.
-  probe = ('import os, sys; from alexnet_jax import xla_flags; '
-           'print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True); '
-           'xla_flags.restart_with_huge_pages("tests.restart_probe")')
-  out = subprocess.run([sys.executable, '-c', probe, 'a', '--b=1'], cwd=REPO, env=env,
-                       check=True, capture_output=True, text=True).stdout.split('\n')
+  out = _run_probe()
   assert out[0] == "None ['a', '--b=1']"  # before the restart
-  assert out[1] == "glibc.malloc.hugetlb=1 ['a', '--b=1']"  # the restarted module
+  every = xla_flags.with_malloc_defaults('')
+  assert out[1] == f"{every} ['a', '--b=1']"  # the restarted module
   assert out[2] == ''  # and no second restart
+
+
+@pytest.mark.parametrize('env', [{'JAX_PLATFORMS': 'cuda,cpu'}, {'ALEXNET_XLA_DEFAULTS': '0'}])
+def test_no_restart_off_the_cpu_or_with_defaults_off(env):
+  assert _run_probe(**env) == ["None ['a', '--b=1']", '']
+
+
+def test_cpu_is_judged_from_jax_platforms_first(monkeypatch):
+  for platforms, expected in (('cpu', True), ('cpu,cuda', True), ('cuda', False),
+                              ('tpu,cpu', False)):
+    monkeypatch.setenv('JAX_PLATFORMS', platforms)
+    assert xla_flags.runs_on_cpu() is expected, platforms
 
 
 def _all_eqns(jaxpr):

@@ -1,4 +1,4 @@
-"""Prints what `xla_flags.restart_with_huge_pages` restarted it with (tests only)."""
+"""Prints what `xla_flags.restart_with_malloc_defaults` restarted it with (tests only)."""
 
 import os
 import sys
@@ -7,4 +7,4 @@ from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
 
 if __name__ == '__main__':
   print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)
-  xla_flags.restart_with_huge_pages('tests.restart_probe')
+  xla_flags.restart_with_malloc_defaults('tests.restart_probe')

@@ -235,6 +235,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  xla_flags.restart_with_huge_pages('alexnet_jax.benchmarks.conv_layers')
+  xla_flags.restart_with_malloc_defaults('alexnet_jax.benchmarks.conv_layers')
   define_flags()
   app.run(main)
