@@ -21,7 +21,7 @@ faster of a JAX and a PyTorch n x n GEMM timed in the same run (fp32, and
 bf16 for --config.dtype=bfloat16); memory (see `_memory`); for Fashion-MNIST
 and ImageNet the train time per epoch that the step rate gives.
 
---suite runs every case of SUITE (with --reps=5, about 12 minutes on 2 cores)
+--suite runs every case of SUITE (with --reps=5, about 4 minutes on 2 cores)
 in its own process (a clean memory high-water
 mark each), writes their JSON files beside --out and a table to stdout and
 `train_step_suite.json`. Targets: jax >= 1.0x torch images/s in every fp32
