@@ -54,10 +54,15 @@ def _defaults_enabled() -> bool:
   return os.environ.get('ALEXNET_XLA_DEFAULTS', '1') != '0'
 
 
+def _missing(defaults, settings: list[str], prefix: str = '') -> list[str]:
+  """`prefix + name=value` for every default whose name no setting names."""
+  present = {s.split('=', 1)[0].lstrip('-') for s in settings}
+  return [f'{prefix}{name}={value}' for name, value in defaults if name not in present]
+
+
 def with_cpu_defaults(xla_flags: str) -> str:
   """`xla_flags` plus every default flag it does not set itself."""
-  present = {part.split('=', 1)[0].lstrip('-') for part in xla_flags.split()}
-  extra = [f'--{name}={value}' for name, value in CPU_DEFAULTS if name not in present]
+  extra = _missing(CPU_DEFAULTS, xla_flags.split(), prefix='--')
   return ' '.join([xla_flags.strip()] + extra).strip()
 
 
@@ -94,8 +99,7 @@ def with_malloc_defaults(tunables: str) -> str | None:
   None when it names them all (to any value), so nothing would change.
   """
   parts = [p for p in tunables.split(':') if p]
-  present = {p.split('=', 1)[0] for p in parts}
-  extra = [f'{name}={value}' for name, value in MALLOC_TUNABLES if name not in present]
+  extra = _missing(MALLOC_TUNABLES, parts)
   return ':'.join(parts + extra) if extra else None
 
 

@@ -284,7 +284,7 @@ def test_conv_layer_geometry_matches_the_models_own_shapes(name):
 
 
 @pytest.mark.parametrize('config_fn', [tiny_single_tower_config, _fashion_small])
-def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_fn, tmp_path):
+def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_fn):
   from alexnet_jax.benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
   config = config_fn()
   config.global_batch_size = 2

@@ -41,7 +41,6 @@ from alexnet_jax import summary  # pylint: disable=unused-import  # defines --co
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
-
 def define_flags():
   """Command-line flags; defined on running, so importing this module defines none."""
   flags.DEFINE_string('out', '', 'JSON results file; default '
