@@ -7,7 +7,11 @@ not exist) is an error rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import jax
 import ml_collections
+
+from alexnet_jax import models
+from alexnet_jax import onednn
 
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
 KNOWN_DTYPES = ('float32', 'bfloat16')
@@ -83,6 +87,10 @@ def base_config() -> ml_collections.ConfigDict:
   # False: alpha as printed in the paper. True: alpha / size (Caffe, PyTorch).
   c.model.lrn.alpha_over_size = False
   c.dtype = 'float32'  # compute dtype; params and optimiser state stay float32
+  # Convolution kernels: 'auto' runs oneDNN's on the CPU when it can be built
+  # (alexnet_jax/onednn.py) and XLA's otherwise and on GPUs; 'xla' or 'onednn'
+  # force one (oneDNN on the CPU backend only).
+  c.conv_impl = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'paper_momentum'
@@ -129,6 +137,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'dataset.name={config.dataset.name!r}; known: {KNOWN_DATASETS}')
   if config.dtype not in KNOWN_DTYPES:
     fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
+  if config.conv_impl not in models.CONV_IMPLS:
+    fail(f'conv_impl={config.conv_impl!r}; use one of {models.CONV_IMPLS}')
+  if config.conv_impl == 'onednn' and jax.default_backend() == 'cpu':
+    reason = onednn.unavailable_reason()
+    if reason:
+      fail(f"conv_impl='onednn', but {reason}")
   m = config.model
   if m.towers not in (1, 2):
     fail(f'model.towers={m.towers}; use 1 (single tower) or 2 (the paper)')

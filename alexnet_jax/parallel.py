@@ -219,7 +219,8 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     pad = k // 2 if padding is None else padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
-    y = models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad)
+    y = models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad,
+                         model.conv_impl)
     return models.add_bias(y, p[name]['bias'])
 
   def lrn(x):

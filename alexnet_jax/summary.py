@@ -37,7 +37,8 @@ def layer_table(config) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
+                              config.conv_impl)
   size = config.dataset.image_size
   x = jnp.zeros((1, size, size, len(config.dataset.mean)), jnp.float32)
 

@@ -324,7 +324,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     total_steps = min(total_steps, config.max_train_steps)
   eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
+                              config.conv_impl)
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(
       config.schedule, config.schedule.base_lr,

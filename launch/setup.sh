@@ -1,16 +1,23 @@
 #!/usr/bin/env bash
-# Sets up .venv from requirements.txt and installs Debian's Fashion-MNIST.
-# Safe to re-run: finished steps are skipped.
+# Sets up .venv from requirements.txt, installs the Debian packages (Fashion-MNIST,
+# and a C++ compiler with oneDNN for the CPU convolutions) and builds the oneDNN
+# convolution library. Safe to re-run: finished steps are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+missing=()
+[ -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] || missing+=(dataset-fashion-mnist)
+command -v g++ >/dev/null || missing+=(g++)
+[ -f /usr/include/oneapi/dnnl/dnnl.hpp ] || missing+=(libdnnl-dev)
+if [ ${#missing[@]} -gt 0 ]; then
   SUDO=""
   if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
-  echo "Installing Debian's dataset-fashion-mnist (~30 MB)..."
-  $SUDO apt-get install -y -q dataset-fashion-mnist \
-    || { $SUDO apt-get update -q && $SUDO apt-get install -y -q dataset-fashion-mnist; } \
-    || echo "warning: could not install dataset-fashion-mnist; tfds will try to download Fashion-MNIST"
+  echo "Installing Debian packages: ${missing[*]}..."
+  $SUDO apt-get install -y -q "${missing[@]}" \
+    || { $SUDO apt-get update -q && $SUDO apt-get install -y -q "${missing[@]}"; } \
+    || echo "warning: could not install ${missing[*]}; without dataset-fashion-mnist tfds" \
+            "will try to download Fashion-MNIST, without g++ and libdnnl-dev convolutions" \
+            "run on XLA's slower CPU kernels"
 fi
 
 PYTHON="${PYTHON:-python3}"
@@ -22,3 +29,7 @@ if ! cmp -s requirements.txt .venv/.requirements.installed; then
   .venv/bin/pip install -q --disable-pip-version-check -r requirements.txt
   cp requirements.txt .venv/.requirements.installed
 fi
+
+# Compiles alexnet_jax/csrc/onednn_conv.cc once (a few seconds) and checks it.
+JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m alexnet_jax.onednn \
+  || echo "warning: the oneDNN convolutions could not be built; XLA's are used instead"

@@ -166,7 +166,8 @@ def _jax_runner(config, batch_size: int):
   from alexnet_jax import train  # pylint: disable=g-import-not-at-top
 
   devices = jax.local_devices()[:1]
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
+                              config.conv_impl)
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 1000,
                                    100_000)

@@ -1,0 +1,246 @@
+// Convolutions for XLA CPU through oneDNN, as XLA FFI custom calls.
+//
+// Three handlers, all on NHWC activations and HWIO kernels (the layout of
+// models.conv_nhwc), float32 or bfloat16, explicit padding:
+//   alexnet_onednn_conv_fwd          y  = conv(x, w)
+//   alexnet_onednn_conv_bwd_data     dx = conv_transpose(dy, w)
+//   alexnet_onednn_conv_bwd_weights  dw = correlation of x and dy
+// oneDNN picks its own blocked kernel layout; kernels are reordered to and
+// from HWIO around each call. Primitives are built once per shape and cached.
+//
+// One call runs at a time (exec_mutex), each on all of OpenMP's threads. XLA
+// runs independent operations on several threads at once; Debian's oneDNN
+// 2.6 (GNU OpenMP) hung in the Fashion-MNIST step when two towers' kernel
+// gradients ran concurrently, and two teams would share the cores anyway.
+#include <array>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <utility>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+// kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r
+using Key = std::array<int64_t, 17>;
+
+struct Geometry {
+  int64_t n, h, w, c, kh, kw, o, oh, ow;
+  int64_t sh, sw, pt, pb, pl, pr;
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+struct Entry {
+  dnnl::primitive conv;
+  dnnl::memory::desc user_src, user_wei, user_dst;  // NHWC / HWIO views
+  dnnl::memory::desc prim_wei;                       // oneDNN's kernel layout
+  std::optional<dnnl::reorder> wei_reorder;          // HWIO <-> prim_wei
+  std::string impl;
+};
+
+std::mutex cache_mutex;
+std::mutex exec_mutex;
+std::map<Key, std::shared_ptr<Entry>>& Cache() {
+  static auto* cache = new std::map<Key, std::shared_ptr<Entry>>();
+  return *cache;
+}
+
+std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
+                             const Geometry& g) {
+  using tag = dnnl::memory::format_tag;
+  using dnnl::memory;
+  auto e = std::make_shared<Entry>();
+  memory::dims src_dims = {g.n, g.c, g.h, g.w};
+  memory::dims wei_dims = {g.o, g.c, g.kh, g.kw};
+  memory::dims dst_dims = {g.n, g.o, g.oh, g.ow};
+  memory::dims strides = {g.sh, g.sw};
+  memory::dims pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
+  e->user_src = memory::desc(src_dims, dt, tag::nhwc);
+  e->user_dst = memory::desc(dst_dims, dt, tag::nhwc);
+  e->user_wei = memory::desc(wei_dims, dt, tag::hwio);
+  memory::desc wei_any(wei_dims, dt, tag::any);
+  auto& eng = Engine();
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::library);
+  dnnl::convolution_forward::desc fwd_d(
+      dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      e->user_src, wei_any, e->user_dst, strides, pad_l, pad_r);
+  dnnl::convolution_forward::primitive_desc fwd_pd(fwd_d, attr, eng);
+  // Kernels are reordered from HWIO before the forward pass and the input
+  // gradient, and the kernel gradient back to HWIO after it.
+  auto finish = [&](dnnl::primitive conv, const dnnl::primitive_desc& pd,
+                    const memory::desc& prim_wei, bool from_user) {
+    e->conv = conv;
+    e->impl = pd.impl_info_str();
+    e->prim_wei = prim_wei;
+    if (prim_wei == e->user_wei) return;
+    memory user(e->user_wei, eng), prim(prim_wei, eng);
+    e->wei_reorder = from_user ? dnnl::reorder(user, prim) : dnnl::reorder(prim, user);
+  };
+  if (kind == kFwd) {
+    finish(dnnl::convolution_forward(fwd_pd), fwd_pd, fwd_pd.weights_desc(), true);
+  } else if (kind == kBwdData) {
+    dnnl::convolution_backward_data::desc d(
+        dnnl::algorithm::convolution_direct, e->user_src, wei_any, e->user_dst,
+        strides, pad_l, pad_r);
+    dnnl::convolution_backward_data::primitive_desc pd(d, attr, eng, fwd_pd);
+    finish(dnnl::convolution_backward_data(pd), pd, pd.weights_desc(), true);
+  } else {
+    dnnl::convolution_backward_weights::desc d(
+        dnnl::algorithm::convolution_direct, e->user_src, wei_any, e->user_dst,
+        strides, pad_l, pad_r);
+    dnnl::convolution_backward_weights::primitive_desc pd(d, attr, eng, fwd_pd);
+    finish(dnnl::convolution_backward_weights(pd), pd, pd.diff_weights_desc(), false);
+  }
+  return e;
+}
+
+std::shared_ptr<Entry> Lookup(Kind kind, dnnl::memory::data_type dt,
+                              const Geometry& g) {
+  Key key = {kind, static_cast<int64_t>(dt), g.n, g.h, g.w, g.c, g.kh, g.kw,
+             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr};
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  auto& cache = Cache();
+  auto it = cache.find(key);
+  if (it != cache.end()) return it->second;
+  auto e = Build(kind, dt, g);
+  cache.emplace(key, e);
+  return e;
+}
+
+std::optional<dnnl::memory::data_type> DnnlType(ffi::DataType t) {
+  switch (t) {
+    case ffi::DataType::F32: return dnnl::memory::data_type::f32;
+    case ffi::DataType::BF16: return dnnl::memory::data_type::bf16;
+    default: return std::nullopt;
+  }
+}
+
+// a: NHWC activations (x or dy), b: the other operand, out: the result.
+ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
+               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
+               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  auto dt = DnnlType(a.element_type());
+  if (!dt || b.element_type() != a.element_type() ||
+      out->element_type() != a.element_type())
+    return ffi::Error::InvalidArgument(
+        "onednn conv: operands must all be float32 or all bfloat16");
+  if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
+      out->dimensions().size() != 4)
+    return ffi::Error::InvalidArgument("onednn conv: operands must be rank 4");
+  Geometry g;
+  auto ad = a.dimensions(), bd = b.dimensions(), od = out->dimensions();
+  if (kind == kFwd) {  // a = x (NHWC), b = w (HWIO), out = y (NHWC)
+    g = {ad[0], ad[1], ad[2], ad[3], bd[0], bd[1], bd[3], od[1], od[2]};
+  } else if (kind == kBwdData) {  // a = dy, b = w, out = dx
+    g = {od[0], od[1], od[2], od[3], bd[0], bd[1], bd[3], ad[1], ad[2]};
+  } else {  // a = x, b = dy, out = dw (HWIO)
+    g = {ad[0], ad[1], ad[2], ad[3], od[0], od[1], od[3], bd[1], bd[2]};
+  }
+  g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr;
+  try {
+    auto e = Lookup(kind, *dt, g);
+    std::lock_guard<std::mutex> running(exec_mutex);
+    auto& eng = Engine();
+    dnnl::stream s(eng);
+    using dnnl::memory;
+    if (kind == kFwd || kind == kBwdData) {
+      memory act(kind == kFwd ? e->user_src : e->user_dst, eng,
+                 a.untyped_data());
+      memory wei(e->user_wei, eng, b.untyped_data());
+      memory res(kind == kFwd ? e->user_dst : e->user_src, eng,
+                 out->untyped_data());
+      memory pw = wei;
+      if (e->wei_reorder) {
+        pw = memory(e->prim_wei, eng);
+        e->wei_reorder->execute(s, wei, pw);
+      }
+      if (kind == kFwd)
+        e->conv.execute(s, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, pw},
+                            {DNNL_ARG_DST, res}});
+      else
+        e->conv.execute(s, {{DNNL_ARG_DIFF_DST, act}, {DNNL_ARG_WEIGHTS, pw},
+                            {DNNL_ARG_DIFF_SRC, res}});
+    } else {
+      memory src(e->user_src, eng, a.untyped_data());
+      memory ddst(e->user_dst, eng, b.untyped_data());
+      memory dw(e->user_wei, eng, out->untyped_data());
+      memory pdw = dw;
+      if (e->wei_reorder) pdw = memory(e->prim_wei, eng);
+      e->conv.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst},
+                          {DNNL_ARG_DIFF_WEIGHTS, pdw}});
+      if (e->wei_reorder) e->wei_reorder->execute(s, pdw, dw);
+    }
+    s.wait();
+  } catch (const dnnl::error& err) {
+    return ffi::Error::Internal(std::string("onednn conv: ") + err.what());
+  }
+  return ffi::Error::Success();
+}
+
+#define ALEXNET_BIND                                                        \
+  ffi::Ffi::Bind()                                                          \
+      .Arg<ffi::AnyBuffer>()                                                \
+      .Arg<ffi::AnyBuffer>()                                                \
+      .Ret<ffi::AnyBuffer>()                                                \
+      .Attr<int64_t>("stride_h")                                            \
+      .Attr<int64_t>("stride_w")                                            \
+      .Attr<int64_t>("pad_top")                                             \
+      .Attr<int64_t>("pad_bottom")                                          \
+      .Attr<int64_t>("pad_left")                                            \
+      .Attr<int64_t>("pad_right")
+
+ffi::Error Fwd(ffi::AnyBuffer a, ffi::AnyBuffer b,
+               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
+               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(kFwd, a, b, out, sh, sw, pt, pb, pl, pr);
+}
+ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(kBwdData, a, b, out, sh, sw, pt, pb, pl, pr);
+}
+ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b,
+                      ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
+                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+  return Run(kBwdWeights, a, b, out, sh, sw, pt, pb, pl, pr);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_fwd, Fwd, ALEXNET_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_bwd_data, BwdData,
+                              ALEXNET_BIND);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_bwd_weights, BwdWeights,
+                              ALEXNET_BIND);
+
+// The implementation oneDNN chose for each cached primitive, for benchmarks.
+extern "C" int alexnet_onednn_describe(char* buf, int size) {
+  std::string s;
+  std::lock_guard<std::mutex> lock(cache_mutex);
+  for (auto& [k, e] : Cache()) {
+    s += std::to_string(k[0]) + " " + std::to_string(k[5]) + "->" +
+         std::to_string(k[8]) + " " + std::to_string(k[6]) + "x" +
+         std::to_string(k[7]) + ": " + e->impl + "\n";
+  }
+  int n = static_cast<int>(s.size());
+  if (buf && size > 0) {
+    int m = n < size - 1 ? n : size - 1;
+    s.copy(buf, m);
+    buf[m] = 0;
+  }
+  return n;
+}

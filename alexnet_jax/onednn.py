@@ -1,0 +1,221 @@
+"""oneDNN convolutions for XLA CPU, as XLA FFI custom calls.
+
+XLA CPU runs convolutions with Eigen's kernels, 1.4-2.2x slower on this
+project's layers than oneDNN's (README, "What limits the step"). This module
+compiles `csrc/onednn_conv.cc` against the system's oneDNN (Debian's
+`libdnnl-dev`) the first time it is needed, registers its three handlers with
+XLA, and exposes `conv_nhwc`: a convolution in the NHWC / HWIO layout whose
+forward pass, input gradient and kernel gradient are oneDNN primitives.
+
+`models.conv_nhwc` uses it when `config.conv_impl` is 'onednn', or 'auto' (the
+default) and JAX runs on the CPU; on GPUs XLA's own convolutions are kept. The
+library is built once per source, jaxlib and oneDNN version into
+$ALEXNET_BUILD_DIR (default ~/.cache/alexnet_jax) with an atomic rename, so
+concurrent processes may build it at once.
+
+  python -m alexnet_jax.onednn     # builds it and checks it against XLA
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import importlib.metadata
+import os
+import pathlib
+import shlex
+import shutil
+import subprocess
+import tempfile
+import threading
+
+from absl import logging
+import jax
+import numpy as np
+
+SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
+HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
+TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
+INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
+                'libdnnl-dev`; launch/setup.sh does this), or set '
+                "--config.conv_impl=xla to use XLA's own convolutions")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+class OneDNNUnavailable(RuntimeError):
+  """The oneDNN convolution library cannot be built or loaded here."""
+
+
+def build_dir() -> pathlib.Path:
+  default = pathlib.Path(os.environ.get('XDG_CACHE_HOME', pathlib.Path.home() / '.cache'))
+  return pathlib.Path(os.environ.get('ALEXNET_BUILD_DIR', default / 'alexnet_jax'))
+
+
+def _compile_command(out: pathlib.Path) -> list[str]:
+  cxx = os.environ.get('CXX', 'g++')
+  return [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
+          f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out), '-ldnnl']
+
+
+def library_path() -> pathlib.Path:
+  """Where the library for this source, jaxlib and oneDNN header lives."""
+  key = hashlib.sha256(SOURCE.read_bytes())
+  key.update(importlib.metadata.version('jaxlib').encode())
+  if HEADER.exists():
+    key.update(HEADER.read_bytes())
+  key.update(' '.join(_compile_command(pathlib.Path('x'))).encode())
+  return build_dir() / f'onednn_conv-{key.hexdigest()[:16]}.so'
+
+
+def build() -> pathlib.Path:
+  """Compiles the library unless it is built already; returns its path."""
+  out = library_path()
+  if out.exists():
+    return out
+  cmd0 = _compile_command(out)
+  if shutil.which(cmd0[0]) is None:
+    raise OneDNNUnavailable(f'no C++ compiler {cmd0[0]!r} on PATH: {INSTALL_HINT}')
+  if not HEADER.exists():
+    raise OneDNNUnavailable(f'oneDNN headers not found ({HEADER}): {INSTALL_HINT}')
+  out.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
+  os.close(fd)
+  cmd = _compile_command(pathlib.Path(tmp))
+  logging.info('Building the oneDNN convolutions: %s', shlex.join(cmd))
+  proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+  if proc.returncode:
+    os.unlink(tmp)
+    raise OneDNNUnavailable(
+        f'building {SOURCE.name} failed ({shlex.join(cmd)}):\n'
+        f'{proc.stderr[-3000:]}\n{INSTALL_HINT}')
+  os.replace(tmp, out)
+  return out
+
+
+def load() -> ctypes.CDLL:
+  """Builds if needed, loads and registers the handlers (once per process)."""
+  with _lock:
+    if 'lib' in _state:
+      return _state['lib']
+    if 'error' in _state:
+      raise _state['error']
+    try:
+      path = build()
+      try:
+        lib = ctypes.CDLL(str(path))
+      except OSError as e:
+        raise OneDNNUnavailable(f'cannot load {path}: {e}. {INSTALL_HINT}') from e
+      for t in TARGETS:
+        jax.ffi.register_ffi_target(
+            f'alexnet_onednn_conv_{t}',
+            jax.ffi.pycapsule(getattr(lib, f'alexnet_onednn_conv_{t}')),
+            platform='cpu')
+    except OneDNNUnavailable as e:
+      _state['error'] = e
+      raise
+    _state['lib'] = lib
+    return lib
+
+
+def available() -> bool:
+  try:
+    load()
+    return True
+  except OneDNNUnavailable:
+    return False
+
+
+def unavailable_reason() -> str | None:
+  return None if available() else str(_state['error'])
+
+
+def describe() -> str:
+  """The implementation oneDNN chose for every primitive built so far."""
+  lib = load()
+  n = lib.alexnet_onednn_describe(None, 0)
+  buf = ctypes.create_string_buffer(n + 1)
+  lib.alexnet_onednn_describe(buf, n + 1)
+  return buf.value.decode()
+
+
+def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:
+  if isinstance(padding, str):
+    padding = jax.lax.padtype_to_pads(in_hw, kernel_hw, (stride, stride), padding)
+  return tuple((int(lo), int(hi)) for lo, hi in padding)
+
+
+def _call(target, result_shape, dtype, a, b, stride, pads):
+  (pt, pb), (pl, pr) = pads
+  return jax.ffi.ffi_call(
+      f'alexnet_onednn_conv_{target}', jax.ShapeDtypeStruct(result_shape, dtype),
+      vmap_method='sequential')(
+          a, b, stride_h=np.int64(stride), stride_w=np.int64(stride),
+          pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
+          pad_right=np.int64(pr))
+
+
+def _out_shape(x_shape, w_shape, stride, pads):
+  n, h, w, _ = x_shape
+  kh, kw, _, o = w_shape
+  (pt, pb), (pl, pr) = pads
+  return (n, (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv(x, w, stride, pads):
+  return _call('fwd', _out_shape(x.shape, w.shape, stride, pads), x.dtype, x, w,
+               stride, pads)
+
+
+def _conv_fwd(x, w, stride, pads):
+  return _conv(x, w, stride, pads), (x, w)
+
+
+def _conv_bwd(stride, pads, res, dy):
+  x, w = res
+  dx = _call('bwd_data', x.shape, x.dtype, dy, w, stride, pads)
+  dw = _call('bwd_weights', w.shape, w.dtype, x, dy, stride, pads)
+  return dx, dw
+
+
+_conv.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+  """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only).
+
+  x and kernel must share a dtype, float32 or bfloat16; padding is 'SAME',
+  'VALID' or ((top, bottom), (left, right)).
+  """
+  load()
+  if x.dtype != kernel.dtype or x.dtype not in (np.float32, jax.numpy.bfloat16):
+    raise TypeError(f'oneDNN convolution takes float32 or bfloat16 operands of one '
+                    f'dtype, got {x.dtype} and {kernel.dtype}')
+  if x.shape[-1] != kernel.shape[2]:
+    raise ValueError(f'input has {x.shape[-1]} channels, kernel expects {kernel.shape[2]}')
+  pads = explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
+  return _conv(x, kernel, int(stride), pads)
+
+
+def main():
+  import time  # pylint: disable=g-import-not-at-top
+  start = time.perf_counter()
+  path = build()
+  print(f'oneDNN convolutions: {path} ({time.perf_counter() - start:.1f} s)')
+  key = jax.random.key(0)
+  x = jax.random.normal(key, (2, 13, 13, 8))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
+  ref = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
+                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  err = float(np.max(np.abs(np.asarray(conv_nhwc(x, w, 1, 'SAME') - ref))))
+  print(f'max |oneDNN - XLA| on a 3x3 convolution: {err:.2e}')
+  print(describe(), end='')
+  if not err < 1e-4:
+    raise SystemExit('oneDNN and XLA disagree')
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,149 @@
+"""oneDNN convolutions: values and gradients against XLA's, selection, errors."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from alexnet_jax import config_lib
+from alexnet_jax import models
+from alexnet_jax import onednn
+from conftest import load_config
+from conftest import tiny_fashion_config
+
+
+def _xla_conv(x, w, stride, padding):
+  return models.conv_nhwc(x, w, stride, padding, impl='xla')
+
+
+def _values_and_grads(conv, x, w, stride, padding, dy):
+  y, vjp = jax.vjp(lambda x, w: conv(x, w, stride, padding), x, w)
+  return (y,) + vjp(dy)
+
+
+# (input NHWC, kernel HWIO, stride, padding): the layers of the three networks,
+# shrunk in batch and channels, and the cases with rows the stride leaves over.
+GEOMETRIES = [
+    ((2, 227, 227, 3), (11, 11, 3, 8), 4, 'VALID'),          # paper conv1
+    ((2, 224, 224, 3), (11, 11, 3, 8), 4, [(2, 2), (2, 2)]),  # single tower conv1
+    ((3, 27, 27, 12), (5, 5, 12, 16), 1, 'SAME'),            # conv2
+    ((2, 13, 13, 24), (3, 3, 24, 20), 1, 'SAME'),            # conv3-5
+    ((4, 28, 28, 1), (5, 5, 1, 8), 1, [(2, 2), (2, 2)]),     # Fashion conv1
+    ((2, 14, 15, 6), (3, 2, 6, 5), 2, [(0, 1), (1, 0)]),     # uneven everything
+]
+
+
+@pytest.mark.parametrize('x_shape,w_shape,stride,padding', GEOMETRIES)
+def test_float32_values_and_both_gradients_match_xla(x_shape, w_shape, stride, padding):
+  kx, kw, kd = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))
+  y_shape = jax.eval_shape(lambda: _xla_conv(x, w, stride, padding)).shape
+  dy = jax.random.normal(kd, y_shape)
+  got = jax.jit(lambda *a: _values_and_grads(onednn.conv_nhwc, *a, stride, padding, dy))(x, w)
+  want = jax.jit(lambda *a: _values_and_grads(_xla_conv, *a, stride, padding, dy))(x, w)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * scale, err_msg=name)
+
+
+def test_bfloat16_matches_float32_on_the_same_rounded_inputs():
+  kx, kw, kd = jax.random.split(jax.random.key(1), 3)
+  x = jax.random.normal(kx, (4, 13, 13, 32)).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (3, 3, 32, 16)) / 17).astype(jnp.bfloat16)
+  dy = jax.random.normal(kd, (4, 13, 13, 16)).astype(jnp.bfloat16)
+  got = _values_and_grads(onednn.conv_nhwc, x, w, 1, 'SAME', dy)
+  f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
+  want = _values_and_grads(_xla_conv, f32(x), f32(w), 1, 'SAME', f32(dy))
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.dtype == jnp.bfloat16, name
+    scale = float(jnp.max(jnp.abs(r)))
+    # bfloat16 keeps 8 bits: its outputs are the float32 sums rounded once
+    # (plus, for the kernel gradient, partial sums rounded on the way).
+    np.testing.assert_allclose(f32(g), r, rtol=0, atol=2e-2 * scale, err_msg=name)
+
+
+def test_repeated_runs_are_bit_identical():
+  x = jax.random.normal(jax.random.key(2), (8, 27, 27, 16))
+  w = jax.random.normal(jax.random.key(3), (5, 5, 16, 32)) / 20
+  dy = jax.random.normal(jax.random.key(4), (8, 27, 27, 32))
+  f = jax.jit(lambda x, w: _values_and_grads(onednn.conv_nhwc, x, w, 1, 'SAME', dy))
+  first = f(x, w)
+  for _ in range(3):
+    for a, b in zip(first, f(x, w)):
+      np.testing.assert_array_equal(a, b)
+
+
+def test_vmap_runs_each_element_alone():
+  x = jax.random.normal(jax.random.key(5), (3, 2, 9, 9, 4))
+  w = jax.random.normal(jax.random.key(6), (3, 3, 4, 6))
+  got = jax.vmap(lambda x: onednn.conv_nhwc(x, w, 1, 'SAME'))(x)
+  want = jnp.stack([_xla_conv(xi, w, 1, 'SAME') for xi in x])
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_model_gradients_match_between_oneDNN_and_xla():
+  config = tiny_fashion_config()
+  images = jax.random.normal(jax.random.key(7), (4, 28, 28, 1))
+
+  def grads(impl):
+    model = models.create_model(config.model, 10, conv_impl=impl)
+    params = model.init(jax.random.key(0), images, train=False)['params']
+    return jax.grad(lambda p: model.apply({'params': p}, images, train=False).sum())(params)
+
+  got, want = grads('onednn'), grads('xla')
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got, want)
+  # The two settings really run different kernels.
+  model = models.create_model(config.model, 10, conv_impl='onednn')
+  params = model.init(jax.random.key(0), images, train=False)['params']
+  hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
+  assert hlo.count('alexnet_onednn_conv_fwd') == 5 + 3  # conv2, 4, 5 per tower
+  model = models.create_model(config.model, 10, conv_impl='xla')
+  hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
+  assert 'alexnet_onednn' not in hlo and hlo.count('stablehlo.convolution') == 8
+
+
+def test_auto_uses_oneDNN_on_cpu_and_xla_never():
+  assert models.uses_onednn('auto') and models.uses_onednn('onednn')
+  assert not models.uses_onednn('xla')
+  with pytest.raises(ValueError, match="conv_impl='eigen'"):
+    models.uses_onednn('eigen')
+
+
+def test_auto_falls_back_to_xla_with_a_warning_when_oneDNN_is_missing(monkeypatch, caplog):
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: 'no libdnnl here')
+  models._warn_no_onednn.cache_clear()
+  with caplog.at_level(logging.WARNING):
+    assert not models.uses_onednn('auto')
+  assert 'no libdnnl here' in caplog.text and "using XLA's convolutions" in caplog.text
+
+
+def test_build_failure_says_what_to_install(monkeypatch, tmp_path):
+  monkeypatch.setenv('ALEXNET_BUILD_DIR', str(tmp_path))
+  monkeypatch.setenv('CXX', 'no-such-compiler-x')
+  with pytest.raises(onednn.OneDNNUnavailable, match='apt-get install g\\+\\+ libdnnl-dev'):
+    onednn.build()
+  monkeypatch.setenv('CXX', 'g++')
+  monkeypatch.setattr(onednn, 'SOURCE', tmp_path / 'broken.cc')
+  (tmp_path / 'broken.cc').write_text('this is not C++\n')
+  with pytest.raises(onednn.OneDNNUnavailable, match='building broken.cc failed'):
+    onednn.build()
+  assert not list(tmp_path.glob('*.so'))  # no half-written library is left
+
+
+def test_build_writes_a_library_that_loads(monkeypatch, tmp_path):
+  monkeypatch.setenv('ALEXNET_BUILD_DIR', str(tmp_path))
+  path = onednn.build()
+  assert path.parent == tmp_path and path.exists()
+  assert onednn.build() == path  # built once, then reused
+  assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_config_rejects_an_unknown_conv_impl():
+  config = load_config('fashion_mnist')
+  config.conv_impl = 'cudnn'
+  with pytest.raises(ValueError, match="conv_impl='cudnn'"):
+    config_lib.validate(config, 1)
