@@ -7,14 +7,11 @@ not exist) is an error rather than a silently ignored setting.
 
 from __future__ import annotations
 
-import jax
 import ml_collections
-
-from alexnet_jax import models
-from alexnet_jax import onednn
 
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
 KNOWN_DTYPES = ('float32', 'bfloat16')
+KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn')  # see models.uses_onednn
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -137,10 +134,13 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'dataset.name={config.dataset.name!r}; known: {KNOWN_DATASETS}')
   if config.dtype not in KNOWN_DTYPES:
     fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
-  if config.conv_impl not in models.CONV_IMPLS:
-    fail(f'conv_impl={config.conv_impl!r}; use one of {models.CONV_IMPLS}')
-  if config.conv_impl == 'onednn' and jax.default_backend() == 'cpu':
-    reason = onednn.unavailable_reason()
+  if config.conv_impl not in KNOWN_CONV_IMPLS:
+    fail(f'conv_impl={config.conv_impl!r}; use one of {KNOWN_CONV_IMPLS}')
+  if config.conv_impl == 'onednn':
+    # Imported here: configs load before the entry points set XLA_FLAGS.
+    import jax  # pylint: disable=g-import-not-at-top
+    from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
+    reason = jax.default_backend() == 'cpu' and onednn.unavailable_reason()
     if reason:
       fail(f"conv_impl='onednn', but {reason}")
   m = config.model

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from alexnet_jax import config_lib
 from alexnet_jax import onednn
 
 Dtype = Any
@@ -241,7 +242,7 @@ def _kernel_init(init: str, std: float):
   raise ValueError(f"model.init must be 'paper' or 'he', got {init!r}")
 
 
-CONV_IMPLS = ('auto', 'xla', 'onednn')
+CONV_IMPLS = config_lib.KNOWN_CONV_IMPLS
 
 
 @functools.cache

@@ -147,3 +147,13 @@ def test_config_rejects_an_unknown_conv_impl():
   config.conv_impl = 'cudnn'
   with pytest.raises(ValueError, match="conv_impl='cudnn'"):
     config_lib.validate(config, 1)
+
+
+def test_config_says_why_oneDNN_cannot_be_forced(monkeypatch):
+  monkeypatch.setattr(onednn, 'unavailable_reason', lambda: 'no C++ compiler here')
+  config = load_config('fashion_mnist')
+  config.conv_impl = 'onednn'
+  with pytest.raises(ValueError, match="conv_impl='onednn', but no C\\+\\+ compiler here"):
+    config_lib.validate(config, 1)
+  config.conv_impl = 'auto'
+  config_lib.validate(config, 1)

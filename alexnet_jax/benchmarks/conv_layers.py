@@ -1,13 +1,16 @@
-"""Each convolution of a network, timed alone: XLA CPU against PyTorch.
+"""Each convolution of a network, timed alone: JAX (XLA's and oneDNN's kernels) and PyTorch.
 
   python -m alexnet_jax.benchmarks.conv_layers --config=configs/single_tower.py \\
       [--config.global_batch_size=64] [--out=FILE]
 
 For every convolution of the config's network, at the config's batch size,
 one process times interleaved:
-  jax    the convolution as `models.TowerConv` runs it (`models.conv_nhwc`,
-         one per tower for grouped layers), jitted: the forward pass, the
-         input gradient and the kernel gradient, each its own program;
+  xla     the convolution as `models.TowerConv` runs it (`models.conv_nhwc`,
+          one per tower for grouped layers) with conv_impl='xla' (XLA CPU's
+          Eigen kernels), jitted: the forward pass, the input gradient and
+          the kernel gradient, each its own program;
+  onednn  the same with conv_impl='onednn' (`alexnet_jax.onednn`, the CPU
+          default); left out, with a note, when oneDNN cannot be built;
   torch  `torch.nn.functional.conv2d` (groups = towers for grouped layers,
          channels_last) and `aten.convolution_backward` for the input and the
          kernel gradient alone, as autograd calls it.
@@ -16,7 +19,8 @@ reported. conv1's input gradient is timed but left out of the totals: a
 network never computes the gradient of its input images. It prints a table
 and writes JSON. The train-step benchmark (`benchmarks.train_step`) times
 whole steps; this one shows how much of the difference is in the
-convolution kernels themselves (XLA's Eigen kernels against oneDNN's).
+convolution kernels themselves (XLA's Eigen kernels against oneDNN's, called
+from JAX or from PyTorch).
 """
 
 from __future__ import annotations
@@ -98,7 +102,7 @@ def make_inputs(layer: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]
   }
 
 
-def jax_parts(layer: dict, inputs: dict):
+def jax_parts(layer: dict, inputs: dict, impl: str):
   """Forward / input-gradient / kernel-gradient functions.
 
   Each returns the towers' results (NHWC, or HWIO for the kernel gradient),
@@ -111,7 +115,8 @@ def jax_parts(layer: dict, inputs: dict):
   xs, ks, gys = (jnp.split(jnp.asarray(inputs[n]), g, axis=-1) for n in ('x', 'w', 'gy'))
 
   def apply(xs, ks):
-    return [models.conv_nhwc(x, w, layer['stride'], layer['pads']) for x, w in zip(xs, ks)]
+    return [models.conv_nhwc(x, w, layer['stride'], layer['pads'], impl)
+            for x, w in zip(xs, ks)]
 
   programs = {
       'forward': jax.jit(lambda xs, ks, gys: apply(xs, ks)),
@@ -164,16 +169,22 @@ def _time(fn) -> float:
 
 
 def run_benchmark(config, reps: int) -> dict:
-  """Median seconds of every part of every convolution, both frameworks."""
+  """Median seconds of every part of every convolution, every implementation."""
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   from alexnet_jax.benchmarks import torch_alexnet  # pylint: disable=g-import-not-at-top
   threads = torch_alexnet.setup_cpu_threads()
   batch = config.global_batch_size
+  missing = onednn.unavailable_reason()
+  if missing:
+    print(f'oneDNN column left out: {missing}')
+  impls = ('xla',) if missing else ('xla', 'onednn')
   rows = []
   for layer in conv_layers(config):
     inputs = make_inputs(layer, batch)
-    runs = {'jax': jax_parts(layer, inputs), 'torch': torch_parts(layer, inputs)}
+    runs = {impl: jax_parts(layer, inputs, impl) for impl in impls}
+    runs['torch'] = torch_parts(layer, inputs)
     for parts in runs.values():
       for fn in parts.values():
         fn()  # compile / warm up
@@ -188,13 +199,15 @@ def run_benchmark(config, reps: int) -> dict:
       sec[fw]['total'] = sum(sec[fw][p] for p in counted)
     row = dict(layer, seconds=sec, samples_seconds=samples,
                flops_per_part=2 * layer['macs_per_image'] * batch, counted_parts=counted,
-               jax_vs_torch_time=sec['jax']['total'] / sec['torch']['total'])
+               vs_torch_time={i: sec[i]['total'] / sec['torch']['total'] for i in impls})
     print(format_row(row), flush=True)
     rows.append(row)
-  totals = {fw: sum(r['seconds'][fw]['total'] for r in rows) for fw in ('jax', 'torch')}
+  totals = {fw: sum(r['seconds'][fw]['total'] for r in rows) for fw in runs}
   return {
       'config': config.dataset.name, 'batch': batch, 'layers': rows,
-      'total_seconds': totals, 'jax_vs_torch_time': totals['jax'] / totals['torch'],
+      'total_seconds': totals,
+      'vs_torch_time': {i: totals[i] / totals['torch'] for i in impls},
+      'onednn_missing': missing,
       'setup': {'reps': reps, 'torch_threads': threads, 'torch_channels_last': True,
                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')},
@@ -202,16 +215,21 @@ def run_benchmark(config, reps: int) -> dict:
   }
 
 
-TABLE_HEADER = ('| layer | GFLOP per part | JAX fwd / dx / dW ms | PyTorch fwd / dx / dW ms '
-                '| JAX / PyTorch time |\n|---|---|---|---|---|')
+TABLE_HEADER = ('| layer | GFLOP per part | JAX, XLA kernels: fwd / dx / dW ms '
+                '| JAX, oneDNN kernels: fwd / dx / dW ms | PyTorch fwd / dx / dW ms '
+                '| XLA / PyTorch time | JAX oneDNN / PyTorch time |\n'
+                '|---|---|---|---|---|---|---|')
 
 
 def format_row(r: dict) -> str:
   def parts(fw):
+    if fw not in r['seconds']:
+      return 'n/a'
     return ' / '.join(f'{1e3 * r["seconds"][fw][p]:.1f}' + ('*' if p not in r['counted_parts'] else '')
                       for p in PARTS)
-  return (f'| {r["layer"]} | {r["flops_per_part"] / 1e9:.1f} | {parts("jax")} | '
-          f'{parts("torch")} | {r["jax_vs_torch_time"]:.2f} |')
+  ratio = lambda i: f'{r["vs_torch_time"][i]:.2f}' if i in r['vs_torch_time'] else 'n/a'  # noqa: E731
+  return (f'| {r["layer"]} | {r["flops_per_part"] / 1e9:.1f} | {parts("xla")} | '
+          f'{parts("onednn")} | {parts("torch")} | {ratio("xla")} | {ratio("onednn")} |')
 
 
 def main(argv):
@@ -228,8 +246,12 @@ def main(argv):
   result = run_benchmark(config, f.reps)
   result['name'] = name
   t = result['total_seconds']
-  print(f'all convolutions (* not counted): JAX {1e3 * t["jax"]:.0f} ms, PyTorch '
-        f'{1e3 * t["torch"]:.0f} ms, JAX / PyTorch time {result["jax_vs_torch_time"]:.2f}')
+  print('all convolutions (* not counted): ' + ', '.join(
+      f'{label} {1e3 * t[k]:.0f} ms' for k, label in
+      (('xla', 'JAX with XLA kernels'), ('onednn', 'JAX with oneDNN kernels'),
+       ('torch', 'PyTorch')) if k in t))
+  print('time against PyTorch: ' + ', '.join(
+      f'{k} {v:.2f}' for k, v in result['vs_torch_time'].items()))
   benchmarks.write_json(result, out)
 
 
