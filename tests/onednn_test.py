@@ -32,6 +32,7 @@ GEOMETRIES = [
     ((2, 13, 13, 24), (3, 3, 24, 20), 1, 'SAME'),            # conv3-5
     ((4, 28, 28, 1), (5, 5, 1, 8), 1, [(2, 2), (2, 2)]),     # Fashion conv1
     ((2, 14, 15, 6), (3, 2, 6, 5), 2, [(0, 1), (1, 0)]),     # uneven everything
+    ((2, 6, 6, 3), (1, 1, 3, 4), 1, [(1, 1), (0, 2)]),       # pads wider than the kernel
 ]
 
 
@@ -132,6 +133,10 @@ def test_build_failure_says_what_to_install(monkeypatch, tmp_path):
   with pytest.raises(onednn.OneDNNUnavailable, match='building broken.cc failed'):
     onednn.build()
   assert not list(tmp_path.glob('*.so'))  # no half-written library is left
+  (tmp_path / 'file').write_text('')
+  monkeypatch.setenv('ALEXNET_BUILD_DIR', str(tmp_path / 'file' / 'sub'))
+  with pytest.raises(onednn.OneDNNUnavailable, match='set ALEXNET_BUILD_DIR to a writable'):
+    onednn.build()
 
 
 def test_build_writes_a_library_that_loads(monkeypatch, tmp_path):
