@@ -145,6 +145,22 @@ def describe() -> str:
   return buf.value.decode()
 
 
+def version() -> str:
+  """The version of the oneDNN library the convolutions run on, e.g. '2.6.3'."""
+  v = (ctypes.c_int * 3)()
+  load().alexnet_onednn_version(v)
+  return '.'.join(str(x) for x in v)
+
+
+def record(impl: str, dtype) -> dict:
+  """Which convolutions a run uses, for benchmark JSON files."""
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  if not models.uses_onednn(impl, dtype):
+    return {'conv_impl': impl, 'convolutions': 'xla', 'onednn_missing': unavailable_reason()}
+  return {'conv_impl': impl, 'convolutions': 'onednn', 'onednn_version': version(),
+          'onednn_primitives': describe().splitlines()}
+
+
 def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:
   if isinstance(padding, str):
     padding = jax.lax.padtype_to_pads(in_hw, kernel_hw, (stride, stride), padding)

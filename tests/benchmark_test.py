@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -127,6 +128,12 @@ def test_benchmark_writes_every_figure(tmp_path, capsys):
   assert r['train_flops_per_image'] == train_step.train_flops_per_image(config)
   assert r['steps_per_epoch'] == 60_000 // 16
   assert set(r['targets']) == {'jax >= 1.0x torch images/s'}
+  setup = r['setup']
+  assert setup['conv_impl'] == 'auto' and setup['convolutions'] == 'onednn'
+  assert re.fullmatch(r'\d+\.\d+\.\d+', setup['onednn_version'])
+  # The step's forward and kernel-gradient primitives (kinds 0 and 2; its
+  # stride-1 input gradients run as forward convolutions) were recorded.
+  assert {'0', '2'} <= {line.split()[0] for line in setup['onednn_primitives']}
 
 
 def _fashion_small():

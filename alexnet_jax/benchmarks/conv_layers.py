@@ -211,7 +211,8 @@ def run_benchmark(config, reps: int) -> dict:
       'setup': {'reps': reps, 'torch_threads': threads, 'torch_channels_last': True,
                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')},
-      'versions': {'jax': jax.__version__, 'torch': torch.__version__},
+      'versions': {'jax': jax.__version__, 'torch': torch.__version__,
+                   'onednn': None if missing else onednn.version()},
   }
 
 

@@ -275,6 +275,7 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
   """Interleaved JAX / PyTorch train-step rates and derived figures."""
   import jax  # pylint: disable=g-import-not-at-top
   from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, 1)  # bad keys and values fail as in training
   batch = config.global_batch_size
   load_before = _loadavg()
@@ -336,7 +337,8 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
       'setup': {'reps': reps, 'steps_per_rep': steps, 'warmup': warmup,
                 'torch': torch_info, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-                'jax_devices': 1},
+                'jax_devices': 1,
+                **onednn.record(config.conv_impl, config.dtype)},
       'versions': {'jax': jax.__version__, 'python': platform.python_version(),
                    'torch': torch_info['version']},
       'machine': {'cpus': os.cpu_count(), 'processor': _processor(),

@@ -244,3 +244,11 @@ extern "C" int alexnet_onednn_describe(char* buf, int size) {
   }
   return n;
 }
+
+// The oneDNN library's version, for benchmark records.
+extern "C" void alexnet_onednn_version(int* major_minor_patch) {
+  const dnnl_version_t* v = dnnl_version();
+  major_minor_patch[0] = v->major;
+  major_minor_patch[1] = v->minor;
+  major_minor_patch[2] = v->patch;
+}
