@@ -247,7 +247,7 @@ CONV_IMPLS = config_lib.KNOWN_CONV_IMPLS
 
 @functools.cache
 def _warn_no_onednn(reason: str) -> None:
-  logging.warning("conv_impl='auto': using XLA's convolutions, 1.4-2.2x slower on "
+  logging.warning("conv_impl='auto': using XLA's convolutions, 1.3-7x slower on "
                   'CPU than oneDNN\'s, because %s', reason)
 
 

@@ -1,7 +1,8 @@
 """oneDNN convolutions for XLA CPU, as XLA FFI custom calls.
 
-XLA CPU runs convolutions with Eigen's kernels, 1.4-2.2x slower on this
-project's layers than oneDNN's (README, "What limits the step"). This module
+XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
+on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
+kernels, and what limits the step now"). This module
 compiles `csrc/onednn_conv.cc` against the system's oneDNN (Debian's
 `libdnnl-dev`) the first time it is needed, registers its three handlers with
 XLA, and exposes `conv_nhwc`: a convolution in the NHWC / HWIO layout whose
