@@ -242,9 +242,6 @@ def _kernel_init(init: str, std: float):
   raise ValueError(f"model.init must be 'paper' or 'he', got {init!r}")
 
 
-CONV_IMPLS = config_lib.KNOWN_CONV_IMPLS
-
-
 @functools.cache
 def _warn_no_onednn(reason: str) -> None:
   logging.warning("conv_impl='auto': using XLA's convolutions, 1.3-7x slower on "
@@ -258,8 +255,8 @@ def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
   cannot be built. 'auto': on the CPU backend when it can be built, else XLA
   with a warning. GPUs always keep XLA's convolutions.
   """
-  if impl not in CONV_IMPLS:
-    raise ValueError(f'conv_impl={impl!r}; use one of {CONV_IMPLS}')
+  if impl not in config_lib.KNOWN_CONV_IMPLS:
+    raise ValueError(f'conv_impl={impl!r}; use one of {config_lib.KNOWN_CONV_IMPLS}')
   if impl == 'xla' or jax.default_backend() != 'cpu':
     return False
   if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):

@@ -178,21 +178,22 @@ def _call(target, result_shape, dtype, a, b, stride, pads):
           pad_right=np.int64(pr))
 
 
-def _out_shape(x_shape, w_shape, stride, pads):
-  n, h, w, _ = x_shape
-  kh, kw, _, o = w_shape
+def _forward(x, w, stride, pads):
+  """The forward convolution's custom call, with its output shape."""
+  n, h, wd, _ = x.shape
+  kh, kw, _, o = w.shape
   (pt, pb), (pl, pr) = pads
-  return (n, (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1, o)
+  shape = (n, (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1, o)
+  return _call('fwd', shape, x.dtype, x, w, stride, pads)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _conv(x, w, stride, pads):
-  return _call('fwd', _out_shape(x.shape, w.shape, stride, pads), x.dtype, x, w,
-               stride, pads)
+  return _forward(x, w, stride, pads)
 
 
 def _conv_fwd(x, w, stride, pads):
-  return _conv(x, w, stride, pads), (x, w)
+  return _forward(x, w, stride, pads), (x, w)
 
 
 def _input_grad(dy, w, x_shape, stride, pads):
@@ -208,8 +209,7 @@ def _input_grad(dy, w, x_shape, stride, pads):
   (pt, pb), (pl, pr) = pads
   turned = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
   if stride == 1 and min(min(p) for p in turned) >= 0:
-    w_t = jax.numpy.flip(w, (0, 1)).swapaxes(2, 3)
-    return _call('fwd', x_shape, dy.dtype, dy, w_t, 1, turned)
+    return _forward(dy, jax.numpy.flip(w, (0, 1)).swapaxes(2, 3), 1, turned)
   return _call('bwd_data', x_shape, dy.dtype, dy, w, stride, pads)
 
 
