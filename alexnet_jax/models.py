@@ -272,36 +272,38 @@ def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
   return reason is None
 
 
-def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto'):
-  """A convolution in the NHWC / HWIO layout used throughout (one tower's).
+def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto', groups: int = 1):
+  """A convolution in the NHWC / HWIO layout used throughout.
 
   On the CPU it runs on oneDNN's kernels (`onednn.conv_nhwc`) unless `impl` is
-  'xla'; see `uses_onednn`.
+  'xla'; see `uses_onednn`. `groups` is XLA's `feature_group_count`.
   """
   if uses_onednn(impl, x.dtype):
-    return onednn.conv_nhwc(x, kernel, stride, padding)
+    return onednn.conv_nhwc(x, kernel, stride, padding, groups)
   return jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
 
 
 class TowerConv(nn.Module):
   """A convolution whose output channels are split into `towers` towers.
 
-  Takes either one array (channels in canonical order) or a list of the
-  towers' arrays, and returns the list of the towers' outputs, each with
-  `features / towers` channels; tower t owns output channels
-  `[t * n / towers, (t + 1) * n / towers)` of the canonical kernel.
+  Tower t owns output channels `[t * n / towers, (t + 1) * n / towers)` of
+  the canonical kernel. grouped=True: tower t sees only input channel block t
+  (conv2, conv4, conv5); grouped=False: every tower sees all inputs (conv1,
+  conv3).
 
-  grouped=True: tower t sees only input channel block t (conv2, conv4, conv5)
-  and is a convolution of its own input array.
-  grouped=False: every tower sees all inputs (conv1, conv3): one ordinary
-  convolution of the towers' inputs side by side, whose output is then split.
-
-  Keeping the towers as separate arrays between layers, as the two GPUs of the
-  paper do, rather than as channel slices of one array, lets XLA materialise
-  each tower's activations once: sliced from one array, the ReLU, LRN and
-  pool in front of a grouped convolution were recomputed for every slice.
+  Takes and returns a list of arrays that hold the towers' channels side by
+  side, in tower order (a single array is taken as a list of one). What the
+  list holds depends on where the convolutions run:
+  - oneDNN (the CPU default): one array with all towers. oneDNN's grouped
+    convolutions are as fast as separate ones, and every ReLU, LRN and pool
+    is then one loop over both towers, as in the single-tower network.
+  - XLA: one array per tower, each convolved on its own. XLA's grouped
+    convolutions are several times slower than separate ones, and towers
+    kept as separate arrays, as the two GPUs of the paper keep them, are
+    materialised once each: sliced from one array, the ReLU, LRN and pool in
+    front of a grouped convolution were recomputed for every slice.
   """
   features: int
   kernel_size: int
@@ -318,8 +320,8 @@ class TowerConv(nn.Module):
   @nn.compact
   def __call__(self, xs: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
     towers = self.towers
-    one_array = not isinstance(xs, (list, tuple))
-    in_ch = xs.shape[-1] if one_array else sum(x.shape[-1] for x in xs)
+    xs = [xs] if not isinstance(xs, (list, tuple)) else list(xs)
+    in_ch = sum(x.shape[-1] for x in xs)
     groups = towers if self.grouped else 1
     if in_ch % groups or self.features % towers:
       raise ValueError(
@@ -336,16 +338,18 @@ class TowerConv(nn.Module):
       pad = [(pad, pad), (pad, pad)]
     conv = functools.partial(conv_nhwc, stride=self.stride, padding=pad,
                              impl=self.conv_impl)
+    join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
+    if uses_onednn(self.conv_impl, self.dtype):
+      return [add_bias(conv(join(xs).astype(self.dtype), kernel, groups=groups), bias)]
     if self.grouped:
-      if one_array:
-        xs = jnp.split(xs, towers, axis=-1)
+      if len(xs) == 1:
+        xs = jnp.split(xs[0], towers, axis=-1)
       if len(xs) != towers:
         raise ValueError(f'{self.name}: {len(xs)} tower inputs for {towers} towers')
       ys = [conv(x.astype(self.dtype), k)
             for x, k in zip(xs, jnp.split(kernel, towers, axis=-1))]
     else:
-      x = xs if one_array else jnp.concatenate(xs, axis=-1)
-      y = conv(x.astype(self.dtype), kernel)
+      y = conv(join(xs).astype(self.dtype), kernel)
       ys = [y] if towers == 1 else jnp.split(y, towers, axis=-1)
     return [add_bias(y, b) for y, b in zip(ys, jnp.split(bias, towers))]
 
@@ -384,12 +388,13 @@ class AlexNet(nn.Module):
         init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl,
         name=f'conv{i + 1}')
 
-  def _lrn(self, x):
+  def _lrn(self, x, towers: int):
     if not self.use_lrn:
       return x
     return local_response_norm(
         x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
-        beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size)
+        beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size,
+        towers=towers)
 
   def _pool(self, x):
     w, s = self.pool_window, self.pool_stride
@@ -397,16 +402,18 @@ class AlexNet(nn.Module):
 
   @nn.compact
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
-    # Activations are lists of the towers' arrays (see TowerConv); each tower
-    # normalises and pools only its own maps, as each GPU did in the paper.
+    # Activations are lists of arrays holding the towers side by side (see
+    # TowerConv); each tower normalises only its own maps, as each GPU did in
+    # the paper.
     each = lambda f, xs: [f(x) for x in xs]
-    relu_lrn_pool = lambda x: self._pool(self._lrn(nn.relu(x)))
+    relu_lrn_pool = lambda xs: [self._pool(self._lrn(nn.relu(x), self.towers // len(xs)))
+                                for x in xs]
     # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
     # that the ReLUs receive positive inputs early on (section 5).
     xs = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
                     padding=self.conv1_padding)(images_BHWC)
-    xs = each(relu_lrn_pool, xs)
-    xs = each(relu_lrn_pool, self._conv(1, grouped=True, bias=1.0)(xs))
+    xs = relu_lrn_pool(xs)
+    xs = relu_lrn_pool(self._conv(1, grouped=True, bias=1.0)(xs))
     xs = each(nn.relu, self._conv(2, grouped=False, bias=0.0)(xs))
     xs = each(nn.relu, self._conv(3, grouped=True, bias=1.0)(xs))
     xs = each(nn.relu, self._conv(4, grouped=True, bias=1.0)(xs))

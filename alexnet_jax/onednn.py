@@ -168,35 +168,42 @@ def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], .
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _call(target, result_shape, dtype, a, b, stride, pads):
+def _call(target, result_shape, dtype, a, b, stride, pads, groups):
   (pt, pb), (pl, pr) = pads
   return jax.ffi.ffi_call(
       f'alexnet_onednn_conv_{target}', jax.ShapeDtypeStruct(result_shape, dtype),
       vmap_method='sequential')(
           a, b, stride_h=np.int64(stride), stride_w=np.int64(stride),
           pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
-          pad_right=np.int64(pr))
+          pad_right=np.int64(pr), groups=np.int64(groups))
 
 
-def _forward(x, w, stride, pads):
+def _forward(x, w, stride, pads, groups):
   """The forward convolution's custom call, with its output shape."""
   n, h, wd, _ = x.shape
   kh, kw, _, o = w.shape
   (pt, pb), (pl, pr) = pads
   shape = (n, (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1, o)
-  return _call('fwd', shape, x.dtype, x, w, stride, pads)
+  return _call('fwd', shape, x.dtype, x, w, stride, pads, groups)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _conv(x, w, stride, pads):
-  return _forward(x, w, stride, pads)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
+def _conv(x, w, stride, pads, groups):
+  return _forward(x, w, stride, pads, groups)
 
 
-def _conv_fwd(x, w, stride, pads):
-  return _forward(x, w, stride, pads), (x, w)
+def _conv_fwd(x, w, stride, pads, groups):
+  return _forward(x, w, stride, pads, groups), (x, w)
 
 
-def _input_grad(dy, w, x_shape, stride, pads):
+def _transposed_kernel(w, groups):
+  """The kernel turned by 180 degrees with each group's in and out swapped."""
+  kh, kw, i, o = w.shape
+  w = jax.numpy.flip(w, (0, 1)).reshape(kh, kw, i, groups, o // groups)
+  return w.transpose(0, 1, 4, 3, 2).reshape(kh, kw, o // groups, groups * i)
+
+
+def _input_grad(dy, w, x_shape, stride, pads, groups):
   """The input gradient; for stride 1, as a forward convolution.
 
   With stride 1 the input gradient is the output gradient convolved with the
@@ -209,34 +216,38 @@ def _input_grad(dy, w, x_shape, stride, pads):
   (pt, pb), (pl, pr) = pads
   turned = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
   if stride == 1 and min(min(p) for p in turned) >= 0:
-    return _forward(dy, jax.numpy.flip(w, (0, 1)).swapaxes(2, 3), 1, turned)
-  return _call('bwd_data', x_shape, dy.dtype, dy, w, stride, pads)
+    return _forward(dy, _transposed_kernel(w, groups), 1, turned, groups)
+  return _call('bwd_data', x_shape, dy.dtype, dy, w, stride, pads, groups)
 
 
-def _conv_bwd(stride, pads, res, dy):
+def _conv_bwd(stride, pads, groups, res, dy):
   x, w = res
-  dx = _input_grad(dy, w, x.shape, stride, pads)
-  dw = _call('bwd_weights', w.shape, w.dtype, x, dy, stride, pads)
+  dx = _input_grad(dy, w, x.shape, stride, pads, groups)
+  dw = _call('bwd_weights', w.shape, w.dtype, x, dy, stride, pads, groups)
   return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding) -> jax.Array:
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
+              groups: int = 1) -> jax.Array:
   """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only).
 
   x and kernel must share a dtype, float32 or bfloat16; padding is 'SAME',
-  'VALID' or ((top, bottom), (left, right)).
+  'VALID' or ((top, bottom), (left, right)); `groups` is XLA's
+  `feature_group_count` (the kernel's I axis holds C / groups channels).
   """
   load()
   if x.dtype != kernel.dtype or x.dtype not in (np.float32, jax.numpy.bfloat16):
     raise TypeError(f'oneDNN convolution takes float32 or bfloat16 operands of one '
                     f'dtype, got {x.dtype} and {kernel.dtype}')
-  if x.shape[-1] != kernel.shape[2]:
-    raise ValueError(f'input has {x.shape[-1]} channels, kernel expects {kernel.shape[2]}')
+  if x.shape[-1] != kernel.shape[2] * groups or kernel.shape[3] % groups:
+    raise ValueError(f'input has {x.shape[-1]} channels and the kernel {kernel.shape[2]} '
+                     f'inputs and {kernel.shape[3]} outputs per group: they do not '
+                     f'make {groups} groups')
   pads = explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
-  return _conv(x, kernel, int(stride), pads)
+  return _conv(x, kernel, int(stride), pads, int(groups))
 
 
 def main():

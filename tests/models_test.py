@@ -124,17 +124,20 @@ def test_grouped_conv_equals_torch_grouped_conv():
 
 
 @pytest.mark.parametrize('grouped', [True, False])
-def test_tower_lists_equal_one_grouped_convolution(grouped):
-  """Towers as separate arrays compute lax's feature-grouped conv, gradients too."""
+@pytest.mark.parametrize('impl, widths', [('xla', [3, 3]), ('onednn', [6])])
+def test_tower_lists_equal_one_grouped_convolution(grouped, impl, widths):
+  """Towers as separate arrays (XLA) or side by side in one array (oneDNN)
+  compute lax's feature-grouped conv, gradients too."""
   rs = np.random.RandomState(5)
   x = jnp.asarray(rs.randn(2, 7, 7, 8).astype(np.float32))
   w = jnp.asarray(rs.randn(2, 7, 7, 6).astype(np.float32))  # output weights
-  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=grouped)
+  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=grouped,
+                          conv_impl=impl)
   params = conv.init(jax.random.key(0), x)['params']
 
   def ours(params, x):  # fed the towers' arrays, as inside AlexNet
     ys = conv.apply({'params': params}, list(jnp.split(x, 2, axis=-1)))
-    assert [y.shape[-1] for y in ys] == [3, 3]
+    assert [y.shape[-1] for y in ys] == widths
     return jnp.sum(jnp.concatenate(ys, axis=-1) * w)
 
   def reference(params, x):

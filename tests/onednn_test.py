@@ -14,51 +14,60 @@ from conftest import load_config
 from conftest import tiny_fashion_config
 
 
-def _xla_conv(x, w, stride, padding):
-  return models.conv_nhwc(x, w, stride, padding, impl='xla')
+def _xla_conv(x, w, stride, padding, groups=1):
+  return models.conv_nhwc(x, w, stride, padding, impl='xla', groups=groups)
 
 
-def _values_and_grads(conv, x, w, stride, padding, dy):
-  y, vjp = jax.vjp(lambda x, w: conv(x, w, stride, padding), x, w)
+def _values_and_grads(conv, x, w, stride, padding, dy, groups=1):
+  y, vjp = jax.vjp(lambda x, w: conv(x, w, stride, padding, groups=groups), x, w)
   return (y,) + vjp(dy)
 
 
-# (input NHWC, kernel HWIO, stride, padding): the layers of the three networks,
-# shrunk in batch and channels, and the cases with rows the stride leaves over.
+# (input NHWC, kernel HWIO, stride, padding, groups): the layers of the three
+# networks, shrunk in batch and channels, and the cases with rows the stride
+# leaves over. The kernel's I axis holds C / groups channels.
 GEOMETRIES = [
-    ((2, 227, 227, 3), (11, 11, 3, 8), 4, 'VALID'),          # paper conv1
-    ((2, 224, 224, 3), (11, 11, 3, 8), 4, [(2, 2), (2, 2)]),  # single tower conv1
-    ((3, 27, 27, 12), (5, 5, 12, 16), 1, 'SAME'),            # conv2
-    ((2, 13, 13, 24), (3, 3, 24, 20), 1, 'SAME'),            # conv3-5
-    ((4, 28, 28, 1), (5, 5, 1, 8), 1, [(2, 2), (2, 2)]),     # Fashion conv1
-    ((2, 14, 15, 6), (3, 2, 6, 5), 2, [(0, 1), (1, 0)]),     # uneven everything
-    ((2, 6, 6, 3), (1, 1, 3, 4), 1, [(1, 1), (0, 2)]),       # pads wider than the kernel
+    ((2, 227, 227, 3), (11, 11, 3, 8), 4, 'VALID', 1),          # paper conv1
+    ((2, 224, 224, 3), (11, 11, 3, 8), 4, [(2, 2), (2, 2)], 1),  # single tower conv1
+    ((3, 27, 27, 12), (5, 5, 12, 16), 1, 'SAME', 1),            # conv2
+    ((3, 27, 27, 24), (5, 5, 12, 32), 1, 'SAME', 2),            # paper conv2, both towers
+    ((2, 13, 13, 24), (3, 3, 24, 20), 1, 'SAME', 1),            # conv3-5
+    ((2, 13, 13, 48), (3, 3, 24, 32), 1, 'SAME', 2),            # paper conv4-5
+    ((4, 28, 28, 1), (5, 5, 1, 8), 1, [(2, 2), (2, 2)], 1),     # Fashion conv1
+    ((2, 14, 15, 6), (3, 2, 6, 5), 2, [(0, 1), (1, 0)], 1),     # uneven everything
+    ((2, 14, 15, 6), (3, 2, 2, 9), 2, [(0, 1), (1, 0)], 3),     # ... in 3 groups
+    ((2, 6, 6, 3), (1, 1, 3, 4), 1, [(1, 1), (0, 2)], 1),       # pads wider than the kernel
+    ((2, 6, 6, 4), (1, 1, 2, 6), 1, [(1, 1), (0, 2)], 2),       # ... in 2 groups
 ]
 
 
-@pytest.mark.parametrize('x_shape,w_shape,stride,padding', GEOMETRIES)
-def test_float32_values_and_both_gradients_match_xla(x_shape, w_shape, stride, padding):
+@pytest.mark.parametrize('x_shape,w_shape,stride,padding,groups', GEOMETRIES)
+def test_float32_values_and_both_gradients_match_xla(x_shape, w_shape, stride, padding,
+                                                     groups):
   kx, kw, kd = jax.random.split(jax.random.key(0), 3)
   x = jax.random.normal(kx, x_shape)
   w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))
-  y_shape = jax.eval_shape(lambda: _xla_conv(x, w, stride, padding)).shape
+  y_shape = jax.eval_shape(lambda: _xla_conv(x, w, stride, padding, groups)).shape
   dy = jax.random.normal(kd, y_shape)
-  got = jax.jit(lambda *a: _values_and_grads(onednn.conv_nhwc, *a, stride, padding, dy))(x, w)
-  want = jax.jit(lambda *a: _values_and_grads(_xla_conv, *a, stride, padding, dy))(x, w)
+  got = jax.jit(lambda *a: _values_and_grads(onednn.conv_nhwc, *a, stride, padding, dy,
+                                             groups))(x, w)
+  want = jax.jit(lambda *a: _values_and_grads(_xla_conv, *a, stride, padding, dy,
+                                              groups))(x, w)
   for name, g, r in zip(('y', 'dx', 'dw'), got, want):
     assert g.shape == r.shape and g.dtype == r.dtype, name
     scale = float(jnp.max(jnp.abs(r)))
     np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * scale, err_msg=name)
 
 
-def test_bfloat16_matches_float32_on_the_same_rounded_inputs():
+@pytest.mark.parametrize('groups', [1, 2])
+def test_bfloat16_matches_float32_on_the_same_rounded_inputs(groups):
   kx, kw, kd = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(kx, (4, 13, 13, 32)).astype(jnp.bfloat16)
-  w = (jax.random.normal(kw, (3, 3, 32, 16)) / 17).astype(jnp.bfloat16)
+  w = (jax.random.normal(kw, (3, 3, 32 // groups, 16)) / 17).astype(jnp.bfloat16)
   dy = jax.random.normal(kd, (4, 13, 13, 16)).astype(jnp.bfloat16)
-  got = _values_and_grads(onednn.conv_nhwc, x, w, 1, 'SAME', dy)
+  got = _values_and_grads(onednn.conv_nhwc, x, w, 1, 'SAME', dy, groups)
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-  want = _values_and_grads(_xla_conv, f32(x), f32(w), 1, 'SAME', f32(dy))
+  want = _values_and_grads(_xla_conv, f32(x), f32(w), 1, 'SAME', f32(dy), groups)
   for name, g, r in zip(('y', 'dx', 'dw'), got, want):
     assert g.dtype == jnp.bfloat16, name
     scale = float(jnp.max(jnp.abs(r)))
@@ -76,6 +85,14 @@ def test_repeated_runs_are_bit_identical():
   for _ in range(3):
     for a, b in zip(first, f(x, w)):
       np.testing.assert_array_equal(a, b)
+
+
+def test_channels_that_do_not_make_the_groups_are_refused():
+  x = jnp.zeros((1, 5, 5, 6))
+  with pytest.raises(ValueError, match='do not make 2 groups'):
+    onednn.conv_nhwc(x, jnp.zeros((3, 3, 6, 4)), 1, 'SAME', groups=2)
+  with pytest.raises(ValueError, match='do not make 2 groups'):
+    onednn.conv_nhwc(x, jnp.zeros((3, 3, 3, 5)), 1, 'SAME', groups=2)
 
 
 def test_vmap_runs_each_element_alone():
@@ -101,7 +118,8 @@ def test_model_gradients_match_between_oneDNN_and_xla():
   model = models.create_model(config.model, 10, conv_impl='onednn')
   params = model.init(jax.random.key(0), images, train=False)['params']
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
-  assert hlo.count('alexnet_onednn_conv_fwd') == 5 + 3  # conv2, 4, 5 per tower
+  # One call per layer, both towers of conv2, 4 and 5 in one grouped call.
+  assert hlo.count('alexnet_onednn_conv_fwd') == 5 and hlo.count('groups = 2 : i64') == 3
   model = models.create_model(config.model, 10, conv_impl='xla')
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
   assert 'alexnet_onednn' not in hlo and hlo.count('stablehlo.convolution') == 8

@@ -1,7 +1,9 @@
 // Convolutions for XLA CPU through oneDNN, as XLA FFI custom calls.
 //
 // Three handlers, all on NHWC activations and HWIO kernels (the layout of
-// models.conv_nhwc), float32 or bfloat16, explicit padding:
+// models.conv_nhwc), float32 or bfloat16, explicit padding, and `groups`
+// feature groups (group g: input channels [g C/G, (g+1) C/G), output channels
+// [g O/G, (g+1) O/G), the kernel's I axis holding C/G channels):
 //   alexnet_onednn_conv_fwd          y  = conv(x, w)
 //   alexnet_onednn_conv_bwd_data     dx = conv_transpose(dy, w)
 //   alexnet_onednn_conv_bwd_weights  dw = correlation of x and dy
@@ -30,12 +32,12 @@ namespace {
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-// kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r
-using Key = std::array<int64_t, 17>;
+// kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r, groups
+using Key = std::array<int64_t, 18>;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow;
-  int64_t sh, sw, pt, pb, pl, pr;
+  int64_t sh, sw, pt, pb, pl, pr, groups;
 };
 
 dnnl::engine& Engine() {
@@ -64,13 +66,21 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
   using dnnl::memory;
   auto e = std::make_shared<Entry>();
   memory::dims src_dims = {g.n, g.c, g.h, g.w};
-  memory::dims wei_dims = {g.o, g.c, g.kh, g.kw};
   memory::dims dst_dims = {g.n, g.o, g.oh, g.ow};
   memory::dims strides = {g.sh, g.sw};
   memory::dims pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   e->user_src = memory::desc(src_dims, dt, tag::nhwc);
   e->user_dst = memory::desc(dst_dims, dt, tag::nhwc);
-  e->user_wei = memory::desc(wei_dims, dt, tag::hwio);
+  memory::dims wei_dims;
+  if (g.groups == 1) {
+    wei_dims = {g.o, g.c, g.kh, g.kw};
+    e->user_wei = memory::desc(wei_dims, dt, tag::hwio);
+  } else {  // (G, O/G, I/G, KH, KW) over HWIO memory whose O axis is (G, O/G)
+    const int64_t og = g.o / g.groups, ig = g.c / g.groups;
+    wei_dims = {g.groups, og, ig, g.kh, g.kw};
+    e->user_wei = memory::desc(wei_dims, dt,
+                               memory::dims{og, 1, g.o, g.kw * ig * g.o, ig * g.o});
+  }
   memory::desc wei_any(wei_dims, dt, tag::any);
   auto& eng = Engine();
   dnnl::primitive_attr attr;
@@ -111,7 +121,7 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
 std::shared_ptr<Entry> Lookup(Kind kind, dnnl::memory::data_type dt,
                               const Geometry& g) {
   Key key = {kind, static_cast<int64_t>(dt), g.n, g.h, g.w, g.c, g.kh, g.kw,
-             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr};
+             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, g.groups};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
@@ -132,7 +142,7 @@ std::optional<dnnl::memory::data_type> DnnlType(ffi::DataType t) {
 // a: NHWC activations (x or dy), b: the other operand, out: the result.
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
                ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
+               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
   auto dt = DnnlType(a.element_type());
   if (!dt || b.element_type() != a.element_type() ||
       out->element_type() != a.element_type())
@@ -151,6 +161,9 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
     g = {ad[0], ad[1], ad[2], ad[3], od[0], od[1], od[3], bd[1], bd[2]};
   }
   g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr;
+  g.groups = groups;
+  if (groups < 1 || g.c % groups || g.o % groups)
+    return ffi::Error::InvalidArgument("onednn conv: channels do not split into groups");
   try {
     auto e = Lookup(kind, *dt, g);
     std::lock_guard<std::mutex> running(exec_mutex);
@@ -201,22 +214,23 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
       .Attr<int64_t>("pad_top")                                             \
       .Attr<int64_t>("pad_bottom")                                          \
       .Attr<int64_t>("pad_left")                                            \
-      .Attr<int64_t>("pad_right")
+      .Attr<int64_t>("pad_right")                                           \
+      .Attr<int64_t>("groups")
 
 ffi::Error Fwd(ffi::AnyBuffer a, ffi::AnyBuffer b,
                ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kFwd, a, b, out, sh, sw, pt, pb, pl, pr);
+               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  return Run(kFwd, a, b, out, sh, sw, pt, pb, pl, pr, groups);
 }
 ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-                   int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBwdData, a, b, out, sh, sw, pt, pb, pl, pr);
+                   int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  return Run(kBwdData, a, b, out, sh, sw, pt, pb, pl, pr, groups);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b,
                       ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-                      int64_t pt, int64_t pb, int64_t pl, int64_t pr) {
-  return Run(kBwdWeights, a, b, out, sh, sw, pt, pb, pl, pr);
+                      int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+  return Run(kBwdWeights, a, b, out, sh, sw, pt, pb, pl, pr, groups);
 }
 
 }  // namespace
@@ -234,7 +248,9 @@ extern "C" int alexnet_onednn_describe(char* buf, int size) {
   for (auto& [k, e] : Cache()) {
     s += std::to_string(k[0]) + " " + std::to_string(k[5]) + "->" +
          std::to_string(k[8]) + " " + std::to_string(k[6]) + "x" +
-         std::to_string(k[7]) + ": " + e->impl + "\n";
+         std::to_string(k[7]) +
+         (k[17] > 1 ? " groups=" + std::to_string(k[17]) : "") + ": " +
+         e->impl + "\n";
   }
   int n = static_cast<int>(s.size());
   if (buf && size > 0) {
