@@ -7,6 +7,9 @@ not exist) is an error rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import contextlib
+import sys
+
 import ml_collections
 
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
@@ -196,3 +199,32 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'num_epochs={config.num_epochs} must be positive')
   if config.schedule.base_lr <= 0:
     fail(f'schedule.base_lr={config.schedule.base_lr} must be positive')
+
+
+@contextlib.contextmanager
+def unknown_keys_exit():
+  """Exits with one line of explanation on a mistyped `--config.<key>`.
+
+  ml_collections raises a KeyError for it deep inside flag parsing (or when a
+  config flag with a default file is defined); absl itself reports only bad
+  values. The line names the key and the nearest known one; the status is 2.
+  """
+  try:
+    yield
+  except (KeyError, AttributeError) as e:
+    # ml_collections' message: "'key'\nDid you mean ...", quoted once or twice.
+    detail = str(e.args[0] if e.args else e)
+    for _ in range(2):
+      detail = detail.strip('"\'').replace('\\n', '\n').replace("\\'", "'")
+    key, _, hint = detail.partition('\n')
+    print(f'FATAL Flags parsing error: the config has no key {key.strip(chr(39))!r}'
+          f'{". " + hint if hint else ""} (the keys are listed in '
+          f'alexnet_jax/config_lib.py).', file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  with unknown_keys_exit():
+    return app.parse_flags_with_usage(argv)

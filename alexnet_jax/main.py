@@ -14,6 +14,7 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
+from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
 from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
 
 xla_flags.set_cpu_defaults()  # XLA reads XLA_FLAGS once, before JAX loads
@@ -26,8 +27,9 @@ from ml_collections import config_flags
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO, 'configs', 'fashion_mnist.py')
 
-config_flags.DEFINE_config_file(
-    'config', DEFAULT_CONFIG, 'Config file (configs/*.py).', lock_config=True)
+with config_lib.unknown_keys_exit():  # overrides of the default apply here
+  config_flags.DEFINE_config_file(
+      'config', DEFAULT_CONFIG, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Run folder: checkpoints, metrics, results. Default runs/<config name>.')
 # Multi-process runs (alexnet_jax/distributed.py); under SLURM none is needed.
@@ -75,4 +77,4 @@ def main(argv):
 
 if __name__ == '__main__':
   xla_flags.restart_with_malloc_defaults('alexnet_jax.main')  # see xla_flags: "Memory"
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

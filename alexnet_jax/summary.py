@@ -26,6 +26,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from alexnet_jax import config_lib
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DEVICES = flags.DEFINE_list('devices', ['2', '4', '8'],
                              'Device counts to show per-device memory and traffic for.')
@@ -150,4 +152,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -201,9 +201,18 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
 def test_mistyped_config_key_is_an_error(tmp_path):
   run = subprocess.run(_main_cmd(tmp_path, '--config.optimiser.momentum=0.5'), cwd=REPO,
                        env=_env(), capture_output=True, text=True, timeout=300)
-  assert run.returncode != 0
-  assert 'optimiser' in run.stderr
+  assert run.returncode == 2
+  assert ("the config has no key 'optimiser'. Did you mean \"optimizer\" instead of "
+          '"optimiser"?') in run.stderr, run.stderr[-2000:]
+  assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'checkpoints').exists()
+  # With --config given, the override is applied while the flags are parsed.
+  run = subprocess.run([sys.executable, '-m', 'alexnet_jax.benchmarks.train_step',
+                        '--config=configs/paper.py', '--config.model.lrnn.size=3',
+                        f'--out={tmp_path}/b.json'],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  assert run.returncode == 2 and 'Traceback' not in run.stderr
+  assert "no key 'lrnn'. Did you mean \"lrn\"" in run.stderr, run.stderr[-2000:]
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error(tiny_config):

@@ -28,6 +28,7 @@ from __future__ import annotations
 import os
 
 from alexnet_jax import benchmarks
+from alexnet_jax import config_lib
 from alexnet_jax import xla_flags
 
 xla_flags.set_cpu_defaults()  # must precede the first JAX import
@@ -259,4 +260,4 @@ def main(argv):
 if __name__ == '__main__':
   xla_flags.restart_with_malloc_defaults('alexnet_jax.benchmarks.conv_layers')
   define_flags()
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -34,6 +34,7 @@ import os
 import sys
 
 from alexnet_jax import benchmarks
+from alexnet_jax import config_lib
 from alexnet_jax import xla_flags
 
 xla_flags.set_cpu_defaults()  # must precede the first JAX import
@@ -274,7 +275,6 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
                   torch_channels_last: bool = True) -> dict:
   """Interleaved JAX / PyTorch train-step rates and derived figures."""
   import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
   from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, 1)  # bad keys and values fail as in training
   batch = config.global_batch_size
@@ -465,4 +465,4 @@ def main(argv):
 
 if __name__ == '__main__':
   xla_flags.restart_with_malloc_defaults('alexnet_jax.benchmarks.train_step')  # see xla_flags: "Memory"
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)

@@ -25,6 +25,8 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import config_lib
+
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
 flags.DEFINE_integer('max_examples', 0, 'Use only the first N training images '
@@ -126,4 +128,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=config_lib.parse_flags)
