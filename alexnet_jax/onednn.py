@@ -35,9 +35,11 @@ from absl import logging
 import jax
 import numpy as np
 
-SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
+SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
+                for f in ('onednn_conv.cc', 'relu_lrn_pool.cc'))
 HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
-TARGETS = ('fwd', 'bwd_data', 'bwd_weights')
+TARGETS = ('onednn_conv_fwd', 'onednn_conv_bwd_data', 'onednn_conv_bwd_weights',
+           'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
                 "--config.conv_impl=xla to use XLA's own convolutions")
@@ -56,18 +58,32 @@ def build_dir() -> pathlib.Path:
 
 
 def _compile_command(out: pathlib.Path) -> list[str]:
+  # -march=native: the library is built on the machine that runs it (its
+  # name is keyed by the CPU's instruction sets, see library_path).
   cxx = os.environ.get('CXX', 'g++')
-  return [cxx, '-O2', '-std=c++17', '-shared', '-fPIC', '-w',
-          f'-I{jax.ffi.include_dir()}', str(SOURCE), '-o', str(out), '-ldnnl']
+  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-std=c++17', '-shared', '-fPIC',
+          '-w', f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', str(out),
+          '-ldnnl']
+
+
+def _cpu_flags() -> bytes:
+  try:
+    with open('/proc/cpuinfo', 'rb') as f:
+      return next((line for line in f if line.startswith(b'flags')), b'')
+  except OSError:
+    return b''
 
 
 def library_path() -> pathlib.Path:
-  """Where the library for this source, jaxlib and oneDNN header lives."""
-  key = hashlib.sha256(SOURCE.read_bytes())
+  """Where the library for these sources, jaxlib, oneDNN header and CPU lives."""
+  key = hashlib.sha256()
+  for source in SOURCES:
+    key.update(source.read_bytes())
   key.update(importlib.metadata.version('jaxlib').encode())
   if HEADER.exists():
     key.update(HEADER.read_bytes())
   key.update(' '.join(_compile_command(pathlib.Path('x'))).encode())
+  key.update(_cpu_flags())
   return build_dir() / f'onednn_conv-{key.hexdigest()[:16]}.so'
 
 
@@ -94,7 +110,7 @@ def build() -> pathlib.Path:
   if proc.returncode:
     os.unlink(tmp)
     raise OneDNNUnavailable(
-        f'building {SOURCE.name} failed ({shlex.join(cmd)}):\n'
+        f'building {" and ".join(s.name for s in SOURCES)} failed ({shlex.join(cmd)}):\n'
         f'{proc.stderr[-3000:]}\n{INSTALL_HINT}')
   os.replace(tmp, out)
   return out
@@ -114,10 +130,8 @@ def load() -> ctypes.CDLL:
       except OSError as e:
         raise OneDNNUnavailable(f'cannot load {path}: {e}. {INSTALL_HINT}') from e
       for t in TARGETS:
-        jax.ffi.register_ffi_target(
-            f'alexnet_onednn_conv_{t}',
-            jax.ffi.pycapsule(getattr(lib, f'alexnet_onednn_conv_{t}')),
-            platform='cpu')
+        jax.ffi.register_ffi_target(f'alexnet_{t}', jax.ffi.pycapsule(getattr(lib, f'alexnet_{t}')),
+                                    platform='cpu')
     except OneDNNUnavailable as e:
       _state['error'] = e
       raise
@@ -248,6 +262,71 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
                      f'make {groups} groups')
   pads = explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
   return _conv(x, kernel, int(stride), pads, int(groups))
+
+
+def _pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
+  if padding == 'VALID':
+    return 0, 0
+  if padding != 'SAME':
+    raise ValueError(f"padding={padding!r}; use 'VALID' or 'SAME'")
+  total = max((-(-size // stride) - 1) * stride + window - size, 0)
+  return total // 2, total - total // 2
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _relu_lrn_pool(x, attrs):
+  return _relu_lrn_pool_fwd(x, attrs)[0]
+
+
+def _relu_lrn_pool_fwd(x, attrs):
+  a = dict(attrs)
+  n, h, w, c = x.shape
+  oh = (h + a['pad_top'] + a.pop('pad_bottom') - a['window']) // a['stride'] + 1
+  ow = (w + a['pad_left'] + a.pop('pad_right') - a['window']) // a['stride'] + 1
+  y, arg = jax.ffi.ffi_call(
+      'alexnet_relu_lrn_pool_fwd',
+      (jax.ShapeDtypeStruct((n, oh, ow, c), x.dtype), jax.ShapeDtypeStruct((n, oh, ow, c), np.uint8)),
+      vmap_method='sequential')(x, **a)
+  return y, (x, arg)
+
+
+def _relu_lrn_pool_bwd(attrs, res, dy):
+  x, arg = res
+  a = {k: v for k, v in attrs if k not in ('pad_bottom', 'pad_right')}
+  return (jax.ffi.ffi_call('alexnet_relu_lrn_pool_bwd', jax.ShapeDtypeStruct(x.shape, x.dtype),
+                           vmap_method='sequential')(x, arg, dy, **a),)
+
+
+_relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
+
+
+def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VALID',
+                  lrn: dict | None = None, towers: int = 1) -> jax.Array:
+  """`max_pool(local_response_norm(relu(x)))` of `models`, fused (float32, CPU).
+
+  The three operations run as one pass over each image per direction
+  (`csrc/relu_lrn_pool.cc`); only x and the window tap of every maximum (one
+  byte) are kept for the backward pass. `lrn`: None, or the LRN's `size`,
+  `k`, `scale` (the alpha that multiplies the window sum) and `beta`, its
+  windows clipped to each of `towers` channel blocks. Pooling as
+  `models.max_pool` (ties: the first maximum in row-major order).
+  """
+  load()
+  if x.dtype != np.float32 or x.ndim != 4:
+    raise TypeError(f'relu_lrn_pool takes NHWC float32, got {x.dtype}{list(x.shape)}')
+  if x.shape[-1] % towers or window * window > 256:
+    raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
+                     'channels must split evenly and windows hold at most 256 taps')
+  pt, pb = _pool_pads(x.shape[1], window, stride, padding)
+  pl, pr = _pool_pads(x.shape[2], window, stride, padding)
+  lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
+  attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
+           ('window', np.int64(window)), ('stride', np.int64(stride)),
+           ('pad_top', np.int64(pt)), ('pad_bottom', np.int64(pb)),
+           ('pad_left', np.int64(pl)), ('pad_right', np.int64(pr)),
+           ('k', np.float32(lrn['k'])), ('scale', np.float32(lrn['scale'])),
+           ('beta', np.float32(lrn['beta'])))
+  return _relu_lrn_pool(x, attrs)
 
 
 def main():

@@ -118,8 +118,10 @@ def test_model_gradients_match_between_oneDNN_and_xla():
   model = models.create_model(config.model, 10, conv_impl='onednn')
   params = model.init(jax.random.key(0), images, train=False)['params']
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
-  # One call per layer, both towers of conv2, 4 and 5 in one grouped call.
+  # One call per layer, both towers of conv2, 4 and 5 in one grouped call;
+  # ReLU, LRN and pool fused after conv1 and conv2, ReLU and pool after conv5.
   assert hlo.count('alexnet_onednn_conv_fwd') == 5 and hlo.count('groups = 2 : i64') == 3
+  assert hlo.count('alexnet_relu_lrn_pool_fwd') == 3 and hlo.count('size = 5 : i64') == 2
   model = models.create_model(config.model, 10, conv_impl='xla')
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
   assert 'alexnet_onednn' not in hlo and hlo.count('stablehlo.convolution') == 8
@@ -146,7 +148,7 @@ def test_build_failure_says_what_to_install(monkeypatch, tmp_path):
   with pytest.raises(onednn.OneDNNUnavailable, match='apt-get install g\\+\\+ libdnnl-dev'):
     onednn.build()
   monkeypatch.setenv('CXX', 'g++')
-  monkeypatch.setattr(onednn, 'SOURCE', tmp_path / 'broken.cc')
+  monkeypatch.setattr(onednn, 'SOURCES', (tmp_path / 'broken.cc',))
   (tmp_path / 'broken.cc').write_text('this is not C++\n')
   with pytest.raises(onednn.OneDNNUnavailable, match='building broken.cc failed'):
     onednn.build()
@@ -180,3 +182,59 @@ def test_config_says_why_oneDNN_cannot_be_forced(monkeypatch):
     config_lib.validate(config, 1)
   config.conv_impl = 'auto'
   config_lib.validate(config, 1)
+
+
+def _xla_relu_lrn_pool(x, lrn, towers, window, stride, padding):
+  y = jax.nn.relu(x)
+  if lrn:
+    y = models.local_response_norm(y, size=lrn['size'], k=lrn['k'], alpha=lrn['scale'],
+                                   beta=lrn['beta'], towers=towers)
+  return models.max_pool(y, window, stride, padding)
+
+
+PAPER_LRN = dict(size=5, k=2.0, scale=1e-4, beta=0.75)
+
+
+# (x NHWC, lrn, towers, window, stride, padding)
+FUSED_CASES = [
+    ((2, 27, 27, 16), PAPER_LRN, 2, 3, 2, 'VALID'),   # paper conv1-2, both towers
+    ((2, 13, 13, 12), PAPER_LRN, 1, 3, 2, 'VALID'),   # one tower
+    ((2, 13, 13, 8), None, 2, 3, 2, 'VALID'),         # conv5: ReLU and pool only
+    ((3, 12, 11, 6), None, 1, 3, 2, 'SAME'),          # -inf padding, odd sizes
+    ((2, 14, 14, 8), PAPER_LRN, 2, 3, 2, 'SAME'),     # the demo's
+    ((2, 9, 9, 12), dict(size=4, k=1.0, scale=0.1, beta=0.6), 3, 2, 2, 'VALID'),  # even window,
+]                                                     # another beta, three towers
+
+
+@pytest.mark.parametrize('shape,lrn,towers,window,stride,padding', FUSED_CASES)
+def test_fused_relu_lrn_pool_matches_the_xla_composition(shape, lrn, towers, window, stride,
+                                                         padding):
+  kx, kg = jax.random.split(jax.random.key(8))
+  x = jax.random.normal(kx, shape) * 3
+  # Ties: a block of zeros (and, after the ReLU, all negatives) must send the
+  # gradient to the first maximum of each window in row-major order.
+  x = x.at[0, :5, :5, :].set(0.0).at[1, 2:4, :, 0].set(1.5)
+
+  def values_and_grad(f):
+    y, vjp = jax.vjp(lambda x: f(x, lrn, towers, window, stride, padding), x)
+    return y, vjp(jax.random.normal(kg, y.shape))[0]
+
+  fused = lambda x, lrn, towers, window, stride, padding: onednn.relu_lrn_pool(  # noqa: E731
+      x, window=window, stride=stride, padding=padding, lrn=lrn, towers=towers)
+  got = jax.jit(lambda x: values_and_grad(fused))(x)
+  want = jax.jit(lambda x: values_and_grad(_xla_relu_lrn_pool))(x)
+  for name, g, r in zip(('y', 'dx'), got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    np.testing.assert_allclose(g, r, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(r))),
+                               err_msg=name)
+  # Exactly where the reference puts the gradient (and exactly zero elsewhere).
+  np.testing.assert_array_equal(got[1] == 0, want[1] == 0)
+
+
+def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():
+  with pytest.raises(TypeError, match='NHWC float32'):
+    onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4), jnp.bfloat16), window=3, stride=2)
+  with pytest.raises(ValueError, match='split evenly'):
+    onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 6)), window=3, stride=2, towers=4)
+  with pytest.raises(ValueError, match="padding='FULL'"):
+    onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4)), window=3, stride=2, padding='FULL')

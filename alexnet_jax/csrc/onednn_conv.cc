@@ -10,7 +10,7 @@
 // oneDNN picks its own blocked kernel layout; kernels are reordered to and
 // from HWIO around each call. Primitives are built once per shape and cached.
 //
-// One call runs at a time (exec_mutex), each on all of OpenMP's threads. XLA
+// One call runs at a time (alexnet::ExecMutex), each on all of OpenMP's threads. XLA
 // runs independent operations on several threads at once; Debian's oneDNN
 // 2.6 (GNU OpenMP) hung in the Fashion-MNIST step when two towers' kernel
 // gradients ran concurrently, and two teams would share the cores anyway.
@@ -27,6 +27,14 @@
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+
+namespace alexnet {
+// Held by every call of the library's kernels (relu_lrn_pool.cc too).
+std::mutex& ExecMutex() {
+  static std::mutex mutex;
+  return mutex;
+}
+}  // namespace alexnet
 
 namespace {
 
@@ -54,7 +62,6 @@ struct Entry {
 };
 
 std::mutex cache_mutex;
-std::mutex exec_mutex;
 std::map<Key, std::shared_ptr<Entry>>& Cache() {
   static auto* cache = new std::map<Key, std::shared_ptr<Entry>>();
   return *cache;
@@ -166,7 +173,7 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
     return ffi::Error::InvalidArgument("onednn conv: channels do not split into groups");
   try {
     auto e = Lookup(kind, *dt, g);
-    std::lock_guard<std::mutex> running(exec_mutex);
+    std::lock_guard<std::mutex> running(alexnet::ExecMutex());
     auto& eng = Engine();
     dnnl::stream s(eng);
     using dnnl::memory;
