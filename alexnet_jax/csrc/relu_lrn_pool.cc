@@ -38,35 +38,78 @@ struct Params {
   float k, scale, beta;
 };
 
-// One pixel's C channels: r = relu(x), d = k + scale * S (window sums of r^2
-// within each tower), inv = d ** -beta (for the paper's beta = 0.75 as
-// models._inverse_power computes it). pad: a scratch row of C + size floats.
-void Normalise(const Params& p, const float* x, float* r, float* d, float* inv,
-               float* pad) {
-  const int64_t c = p.c;
-  for (int64_t i = 0; i < c; ++i) r[i] = std::max(x[i], 0.0f);
-  if (p.size == 0) return;
-  const int64_t lo = p.size / 2, hi = (p.size - 1) / 2, per = c / p.towers;
-  for (int64_t t = 0; t < p.towers; ++t) {
-    const float* rt = r + t * per;
-    std::fill(pad, pad + lo, 0.0f);
-    for (int64_t i = 0; i < per; ++i) pad[lo + i] = rt[i] * rt[i];
-    std::fill(pad + lo + per, pad + lo + per + hi, 0.0f);
-    float* dt = d + t * per;
-    for (int64_t i = 0; i < per; ++i) dt[i] = 0.0f;
-    for (int64_t j = 0; j <= lo + hi; ++j)
-      for (int64_t i = 0; i < per; ++i) dt[i] += pad[i + j];
-  }
-  for (int64_t i = 0; i < c; ++i) d[i] = p.k + p.scale * d[i];
-  if (p.beta == 0.75f) {  // vectorised: two square roots and a division
-    for (int64_t i = 0; i < c; ++i) {
-      const float root = std::sqrt(d[i]);
-      inv[i] = 1.0f / (root * std::sqrt(root));
+// The LRN of one pixel's C channels at a time. Each channel's window is
+// clipped to its tower by 0/1 masks, so that every step is one loop over the
+// C channels, vectorised (with the window unrolled for kTaps = size > 0).
+template <int kTaps>
+class Lrn {
+ public:
+  explicit Lrn(const Params& p)
+      : p_(p), taps_(kTaps ? kTaps : p.size), lo_(p.size / 2), hi_((p.size - 1) / 2),
+        fwd_mask_(taps_ * p.c), bwd_mask_(taps_ * p.c), r_(p.c + taps_),
+        u_(p.c + taps_), d_(p.c), inv_(p.c) {
+    const int64_t per = p.c / p.towers;
+    for (int64_t t = 0; t < taps_; ++t) {
+      for (int64_t i = 0; i < p.c; ++i) {
+        const int64_t f = i % per + t - lo_, b = i % per + t - hi_;
+        fwd_mask_[t * p.c + i] = f >= 0 && f < per;
+        bwd_mask_[t * p.c + i] = b >= 0 && b < per;
+      }
     }
-  } else {
-    for (int64_t i = 0; i < c; ++i) inv[i] = std::pow(d[i], -p.beta);
   }
-}
+
+  // out = r * d ** -beta, r = relu(x): the LRN's output.
+  void Forward(const float* x, float* out) {
+    Normalise(x);
+    const float* r = r_.data() + lo_;
+    for (int64_t i = 0; i < p_.c; ++i) out[i] = r[i] * inv_[i];
+  }
+
+  // dx from x and g, the gradient of the LRN's output:
+  // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} g_c r_c inv_c / d_c.
+  void Backward(const float* x, const float* g, float* dx) {
+    Normalise(x);
+    const float* r = r_.data() + lo_;
+    float* u = u_.data() + hi_;  // zero-padded: hi in front, lo behind
+    for (int64_t i = 0; i < p_.c; ++i) u[i] = g[i] * r[i] * inv_[i] / d_[i];
+    const float two_beta_scale = 2.0f * p_.beta * p_.scale;
+    const float* mask = bwd_mask_.data();
+    for (int64_t i = 0; i < p_.c; ++i) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < Taps(); ++t) s += mask[t * p_.c + i] * u_[i + t];
+      const float dr = g[i] * inv_[i] - two_beta_scale * r[i] * s;
+      dx[i] = x[i] > 0.0f ? dr : 0.0f;
+    }
+  }
+
+ private:
+  int64_t Taps() const { return kTaps ? kTaps : taps_; }
+
+  // r_ = relu(x) (zero-padded: lo in front, hi behind), d_ = k + scale * S,
+  // inv_ = d_ ** -beta (for the paper's 0.75 as models._inverse_power has it).
+  void Normalise(const float* x) {
+    float* r = r_.data() + lo_;
+    for (int64_t i = 0; i < p_.c; ++i) r[i] = std::max(x[i], 0.0f);
+    const float* mask = fwd_mask_.data();
+    for (int64_t i = 0; i < p_.c; ++i) {
+      float s = 0.0f;
+      for (int64_t t = 0; t < Taps(); ++t) s += mask[t * p_.c + i] * (r_[i + t] * r_[i + t]);
+      d_[i] = p_.k + p_.scale * s;
+    }
+    if (p_.beta == 0.75f) {
+      for (int64_t i = 0; i < p_.c; ++i) {
+        const float root = std::sqrt(d_[i]);
+        inv_[i] = 1.0f / (root * std::sqrt(root));
+      }
+    } else {
+      for (int64_t i = 0; i < p_.c; ++i) inv_[i] = std::pow(d_[i], -p_.beta);
+    }
+  }
+
+  const Params& p_;
+  const int64_t taps_, lo_, hi_;
+  std::vector<float> fwd_mask_, bwd_mask_, r_, u_, d_, inv_;
+};
 
 // f(tap, pixel) for the in-bounds taps of output (oi, oj)'s window, in
 // row-major order; pixel = i * W + j of the input.
@@ -97,30 +140,21 @@ Params Read(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
           stride, pad_top, pad_left, k, scale, beta};
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
-               ffi::ResultBuffer<ffi::U8> arg, int64_t size, int64_t towers,
-               int64_t window, int64_t stride, int64_t pad_top,
-               int64_t pad_left, float k, float scale, float beta) {
-  const Params p = Read(x.dimensions(), y->dimensions(), size, towers, window,
-                        stride, pad_top, pad_left, k, scale, beta);
-  if (auto e = Check(p); e.failure()) return e;
-  std::lock_guard<std::mutex> running(alexnet::ExecMutex());
-  const float* xs = x.typed_data();
-  float* ys = y->typed_data();
-  uint8_t* args = arg->typed_data();
+template <int kTaps>
+void Forward(const Params& p, const float* xs, float* ys, uint8_t* args) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
 #pragma omp parallel
   {
-    std::vector<float> b(image), d(c), inv(c), pad(c + p.size), best(c);
+    std::vector<float> b(image), best(c);
     std::vector<uint8_t> at(c);
+    Lrn<kTaps> lrn(p);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
       const float* xn = xs + n * image;
-      for (int64_t px = 0; px < p.h * p.w; ++px) {
-        float* bp = b.data() + px * c;
-        Normalise(p, xn + px * c, bp, d.data(), inv.data(), pad.data());
-        if (p.size)
-          for (int64_t i = 0; i < c; ++i) bp[i] *= inv[i];
+      if (p.size) {
+        for (int64_t px = 0; px < p.h * p.w; ++px) lrn.Forward(xn + px * c, b.data() + px * c);
+      } else {
+        for (int64_t i = 0; i < image; ++i) b[i] = std::max(xn[i], 0.0f);
       }
       for (int64_t oi = 0; oi < p.oh; ++oi) {
         for (int64_t oj = 0; oj < p.ow; ++oj) {
@@ -141,30 +175,29 @@ ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
       }
     }
   }
-  return ffi::Error::Success();
 }
 
-ffi::Error Bwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> arg,
-               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-               int64_t size, int64_t towers, int64_t window, int64_t stride,
-               int64_t pad_top, int64_t pad_left, float k, float scale,
-               float beta) {
-  const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
+ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
+               ffi::ResultBuffer<ffi::U8> arg, int64_t size, int64_t towers,
+               int64_t window, int64_t stride, int64_t pad_top,
+               int64_t pad_left, float k, float scale, float beta) {
+  const Params p = Read(x.dimensions(), y->dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
   std::lock_guard<std::mutex> running(alexnet::ExecMutex());
-  const float* xs = x.typed_data();
-  const uint8_t* args = arg.typed_data();
-  const float* dys = dy.typed_data();
-  float* dxs = dx->typed_data();
+  (p.size == 5 ? Forward<5> : Forward<0>)(p, x.typed_data(), y->typed_data(),
+                                          arg->typed_data());
+  return ffi::Error::Success();
+}
+
+template <int kTaps>
+void Backward(const Params& p, const float* xs, const uint8_t* args, const float* dys,
+              float* dxs) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
-  const int64_t lo = p.size / 2, hi = (p.size - 1) / 2, per = c / p.towers;
 #pragma omp parallel
   {
-    // g: the gradient reaching the pooling's input; then per pixel r, d, inv
-    // as in the forward pass and u = g r inv / d, summed over the mirrored
-    // window: dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c.
-    std::vector<float> g(image), r(c), d(c), inv(c), pad(c + p.size), u(c + p.size);
+    std::vector<float> g(image);  // the gradient reaching the pooling's input
+    Lrn<kTaps> lrn(p);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
       std::fill(g.begin(), g.end(), 0.0f);
@@ -181,36 +214,27 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> arg,
       }
       const float* xn = xs + n * image;
       float* dxn = dxs + n * image;
-      for (int64_t px = 0; px < p.h * p.w; ++px) {
-        const float* xp = xn + px * c;
-        const float* gp = g.data() + px * c;
-        float* out = dxn + px * c;
-        if (p.size == 0) {
-          for (int64_t i = 0; i < c; ++i) out[i] = xp[i] > 0.0f ? gp[i] : 0.0f;
-          continue;
-        }
-        Normalise(p, xp, r.data(), d.data(), inv.data(), pad.data());
-        const float two_beta_scale = 2.0f * p.beta * p.scale;
-        for (int64_t t = 0; t < p.towers; ++t) {
-          const int64_t o = t * per;
-          // u over the tower, zero-padded so that the mirrored window
-          // [i - hi, i + lo] of every channel i is in range.
-          std::fill(u.begin(), u.begin() + hi, 0.0f);
-          for (int64_t i = 0; i < per; ++i)
-            u[hi + i] = gp[o + i] * r[o + i] * inv[o + i] / d[o + i];
-          std::fill(u.begin() + hi + per, u.begin() + hi + per + lo, 0.0f);
-          float* s = pad.data();  // the sums over the mirrored windows
-          for (int64_t i = 0; i < per; ++i) s[i] = 0.0f;
-          for (int64_t j = 0; j <= lo + hi; ++j)
-            for (int64_t i = 0; i < per; ++i) s[i] += u[i + j];
-          for (int64_t i = 0; i < per; ++i) {
-            const float dr = gp[o + i] * inv[o + i] - two_beta_scale * r[o + i] * s[i];
-            out[o + i] = xp[o + i] > 0.0f ? dr : 0.0f;
-          }
-        }
+      if (p.size) {
+        for (int64_t px = 0; px < p.h * p.w; ++px)
+          lrn.Backward(xn + px * c, g.data() + px * c, dxn + px * c);
+      } else {
+        for (int64_t i = 0; i < image; ++i) dxn[i] = xn[i] > 0.0f ? g[i] : 0.0f;
       }
     }
   }
+}
+
+ffi::Error Bwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> arg,
+               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
+               int64_t size, int64_t towers, int64_t window, int64_t stride,
+               int64_t pad_top, int64_t pad_left, float k, float scale,
+               float beta) {
+  const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
+                        stride, pad_top, pad_left, k, scale, beta);
+  if (auto e = Check(p); e.failure()) return e;
+  std::lock_guard<std::mutex> running(alexnet::ExecMutex());
+  (p.size == 5 ? Backward<5> : Backward<0>)(p, x.typed_data(), arg.typed_data(),
+                                            dy.typed_data(), dx->typed_data());
   return ffi::Error::Success();
 }
 
