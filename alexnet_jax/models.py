@@ -392,13 +392,13 @@ class AlexNet(nn.Module):
     """pool(lrn(relu(x))) (pool(relu(x)) with lrn=False) of every array.
 
     Each tower normalises only its own maps, as each GPU did in the paper.
-    On oneDNN's path in float32 the three run fused (`onednn.relu_lrn_pool`).
+    On oneDNN's path the three run fused (`onednn.relu_lrn_pool`).
     """
     lrn = lrn and self.use_lrn
     towers = self.towers // len(xs)  # towers per array
     scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
     w, s, pad = self.pool_window, self.pool_stride, self.pool_padding
-    if xs[0].dtype == jnp.float32 and uses_onednn(self.conv_impl, jnp.float32):
+    if uses_onednn(self.conv_impl, xs[0].dtype):
       params = dict(size=self.lrn_size, k=self.lrn_k, scale=scale, beta=self.lrn_beta)
       return [onednn.relu_lrn_pool(x, window=w, stride=s, padding=pad,
                                    lrn=params if lrn else None, towers=towers) for x in xs]

@@ -302,18 +302,21 @@ _relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
 
 def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VALID',
                   lrn: dict | None = None, towers: int = 1) -> jax.Array:
-  """`max_pool(local_response_norm(relu(x)))` of `models`, fused (float32, CPU).
+  """`max_pool(local_response_norm(relu(x)))` of `models`, fused (CPU).
 
   The three operations run as one pass over each image per direction
   (`csrc/relu_lrn_pool.cc`); only x and the window tap of every maximum (one
-  byte) are kept for the backward pass. `lrn`: None, or the LRN's `size`,
+  byte) are kept for the backward pass. x is float32 or bfloat16; the LRN is
+  computed in float32 either way, and in bfloat16 its output is rounded
+  before the pooling, as in `models`. `lrn`: None, or the LRN's `size`,
   `k`, `scale` (the alpha that multiplies the window sum) and `beta`, its
   windows clipped to each of `towers` channel blocks. Pooling as
   `models.max_pool` (ties: the first maximum in row-major order).
   """
   load()
-  if x.dtype != np.float32 or x.ndim != 4:
-    raise TypeError(f'relu_lrn_pool takes NHWC float32, got {x.dtype}{list(x.shape)}')
+  if x.dtype not in (np.float32, jax.numpy.bfloat16) or x.ndim != 4:
+    raise TypeError(f'relu_lrn_pool takes NHWC float32 or bfloat16, got {x.dtype}'
+                    f'{list(x.shape)}')
   if x.shape[-1] % towers or window * window > 256:
     raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
                      'channels must split evenly and windows hold at most 256 taps')

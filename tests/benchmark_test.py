@@ -239,13 +239,6 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn(conv_impl):
                        rngs={'dropout': jax.random.key(1)}).sum()
 
   eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
-  conv_name = 'conv_general_dilated' if conv_impl == 'xla' else 'ffi_call'
-  convs = [e for e in eqns if e.primitive.name == conv_name]
-  # Forward, input and kernel gradients of 8 convolutions, one per tower of
-  # conv2, 4 and 5 with XLA; of 5 with oneDNN, which runs both towers in one
-  # grouped call. The custom VJP also traces conv1's input gradient, which
-  # XLA then drops as unused. (ReLU, LRN and pool are fused only in float32.)
-  assert len(convs) == (8 * 3 - 1 if conv_impl == 'xla' else 5 * 3)
   # The LRN sums its windows with a reduce-window, or for narrow towers with a
   # banded product over (B, H, W, tower, channel) arrays; the FC layers' dots
   # are 2-D.
@@ -253,7 +246,24 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn(conv_impl):
       e.primitive.name == 'dot_general' and e.invars[0].aval.ndim == 5))
   dots = [e for e in eqns if e.primitive.name == 'dot_general' and not lrn(e)]
   sums = [e for e in eqns if lrn(e)]
-  assert convs and dots and sums
+  if conv_impl == 'xla':
+    convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
+    # Forward, input and kernel gradients of 8 convolutions (one per tower of
+    # conv2, 4 and 5), less conv1's input gradient.
+    assert len(convs) == 8 * 3 - 1 and sums
+  else:
+    calls = [e for e in eqns if e.primitive.name == 'ffi_call']
+    convs = [e for e in calls if 'conv' in e.params['target_name']]
+    fused = [e for e in calls if 'relu_lrn_pool' in e.params['target_name']]
+    # 5 convolutions (both towers in one grouped call) and, as the custom VJP
+    # traces it, conv1's input gradient too; ReLU-LRN-pool after conv1 and 2
+    # and ReLU-pool after conv5, each forward and backward. The LRN is
+    # computed in float32 inside (test_fused_relu_lrn_pool_in_bfloat16_...).
+    assert len(convs) == 5 * 3 and len(fused) == 3 * 2 and not sums
+    for e in fused:  # x (or x, arg, dy): all activations in bfloat16
+      assert {v.aval.dtype for v in e.invars} - {jnp.dtype(jnp.uint8)} == {
+          jnp.dtype(jnp.bfloat16)}, e
+  assert convs and dots
   for e in convs + dots:  # forward and both gradients
     assert {v.aval.dtype for v in e.invars} == {jnp.dtype(jnp.bfloat16)}, e
   for e in sums:  # the LRN's windowed sums of squares (and of its backward)

@@ -231,9 +231,32 @@ def test_fused_relu_lrn_pool_matches_the_xla_composition(shape, lrn, towers, win
   np.testing.assert_array_equal(got[1] == 0, want[1] == 0)
 
 
+@pytest.mark.parametrize('lrn', [PAPER_LRN, None])
+def test_fused_relu_lrn_pool_in_bfloat16_matches_the_xla_composition(lrn):
+  kx, kg = jax.random.split(jax.random.key(9))
+  x = (jax.random.normal(kx, (2, 27, 27, 16)) * 3).astype(jnp.bfloat16)
+  x = x.at[0, :5, :5, :].set(0)
+
+  def values_and_grad(f):
+    y, vjp = jax.vjp(f, x)
+    return y, vjp(jax.random.normal(kg, y.shape).astype(jnp.bfloat16))[0]
+
+  got = values_and_grad(lambda x: onednn.relu_lrn_pool(x, window=3, stride=2, lrn=lrn,
+                                                        towers=2))
+  want = values_and_grad(lambda x: _xla_relu_lrn_pool(x, lrn, 2, 3, 2, 'VALID'))
+  f32 = lambda a: np.asarray(a.astype(jnp.float32))  # noqa: E731
+  assert got[0].dtype == got[1].dtype == jnp.bfloat16
+  # The same float32 LRN rounded once: outputs agree to one bfloat16 step
+  # (2**-8 relative); the gradient differs by the roundings of XLA's
+  # bfloat16 sums of overlapping windows, which the kernel sums in float32.
+  np.testing.assert_allclose(f32(got[0]), f32(want[0]), rtol=2 ** -8, atol=0)
+  np.testing.assert_allclose(f32(got[1]), f32(want[1]), rtol=0,
+                             atol=2e-2 * float(np.max(np.abs(f32(want[1])))))
+
+
 def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():
-  with pytest.raises(TypeError, match='NHWC float32'):
-    onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4), jnp.bfloat16), window=3, stride=2)
+  with pytest.raises(TypeError, match='NHWC float32 or bfloat16'):
+    onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4), jnp.float16), window=3, stride=2)
   with pytest.raises(ValueError, match='split evenly'):
     onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 6)), window=3, stride=2, towers=4)
   with pytest.raises(ValueError, match="padding='FULL'"):

@@ -10,7 +10,8 @@ one process times interleaved:
           Eigen kernels), jitted: the forward pass, the input gradient and
           the kernel gradient, each its own program;
   onednn  the same with conv_impl='onednn' (`alexnet_jax.onednn`, the CPU
-          default); left out, with a note, when oneDNN cannot be built;
+          default; a grouped layer is one call with feature groups); left
+          out, with a note, when oneDNN cannot be built;
   torch  `torch.nn.functional.conv2d` (groups = towers for grouped layers,
          channels_last) and `aten.convolution_backward` for the input and the
          kernel gradient alone, as autograd calls it.
@@ -106,17 +107,20 @@ def make_inputs(layer: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]
 def jax_parts(layer: dict, inputs: dict, impl: str):
   """Forward / input-gradient / kernel-gradient functions.
 
-  Each returns the towers' results (NHWC, or HWIO for the kernel gradient),
-  the last axis split by tower as `models.TowerConv` keeps them.
+  Each returns a list of arrays (NHWC, or HWIO for the kernel gradient) that
+  hold the towers side by side, as `models.TowerConv` keeps them.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top
   g = layer['groups']
-  xs, ks, gys = (jnp.split(jnp.asarray(inputs[n]), g, axis=-1) for n in ('x', 'w', 'gy'))
+  # On oneDNN a grouped layer is one call with feature groups, elsewhere one
+  # convolution per tower, as `models.TowerConv` runs them.
+  pieces = 1 if models.uses_onednn(impl) else g
+  xs, ks, gys = (jnp.split(jnp.asarray(inputs[n]), pieces, axis=-1) for n in ('x', 'w', 'gy'))
 
   def apply(xs, ks):
-    return [models.conv_nhwc(x, w, layer['stride'], layer['pads'], impl)
+    return [models.conv_nhwc(x, w, layer['stride'], layer['pads'], impl, groups=g // pieces)
             for x, w in zip(xs, ks)]
 
   programs = {

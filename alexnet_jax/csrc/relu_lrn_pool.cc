@@ -1,5 +1,6 @@
 // ReLU -> local response normalisation (optional) -> max pooling, fused, as
-// XLA FFI custom calls on NHWC float32 activations:
+// XLA FFI custom calls on NHWC float32 or bfloat16 activations (computed in
+// float32, as models.local_response_norm does):
 //   alexnet_relu_lrn_pool_fwd  x -> (y, arg)   arg: the window tap (row-major,
 //                                               uint8) each maximum came from
 //   alexnet_relu_lrn_pool_bwd  (x, arg, dy) -> dx
@@ -18,8 +19,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <optional>
+#include <type_traits>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -140,21 +145,57 @@ Params Read(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
           stride, pad_top, pad_left, k, scale, beta};
 }
 
-template <int kTaps>
-void Forward(const Params& p, const float* xs, float* ys, uint8_t* args) {
+// bfloat16 values are handled as their bits; the kernels compute in float32.
+using Bf16 = uint16_t;
+inline float Widen(float v) { return v; }
+inline float Widen(Bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T>
+T Narrow(float v);
+template <>
+float Narrow<float>(float v) { return v; }
+template <>
+Bf16 Narrow<Bf16>(float v) {  // round to nearest even, as XLA's convert
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<Bf16>((u >> 16) | 0x40);  // NaN
+  return static_cast<Bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// One image of T as float32: itself, or widened into buf.
+template <typename T>
+const float* AsFloat(const T* x, int64_t size, std::vector<float>& buf) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    for (int64_t i = 0; i < size; ++i) buf[i] = Widen(x[i]);
+    return buf.data();
+  }
+}
+
+template <int kTaps, typename T>
+void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
 #pragma omp parallel
   {
-    std::vector<float> b(image), best(c);
+    std::vector<float> xf(std::is_same_v<T, float> ? 0 : image), b(image), best(c);
     std::vector<uint8_t> at(c);
     Lrn<kTaps> lrn(p);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
-      const float* xn = xs + n * image;
+      const float* xn = AsFloat(xs + n * image, image, xf);
       if (p.size) {
         for (int64_t px = 0; px < p.h * p.w; ++px) lrn.Forward(xn + px * c, b.data() + px * c);
       } else {
         for (int64_t i = 0; i < image; ++i) b[i] = std::max(xn[i], 0.0f);
+      }
+      if constexpr (!std::is_same_v<T, float>) {
+        // Pool the values the LRN returns in T (ties as XLA sees them).
+        for (int64_t i = 0; i < image; ++i) b[i] = Widen(Narrow<T>(b[i]));
       }
       for (int64_t oi = 0; oi < p.oh; ++oi) {
         for (int64_t oj = 0; oj < p.ow; ++oj) {
@@ -169,7 +210,7 @@ void Forward(const Params& p, const float* xs, float* ys, uint8_t* args) {
             }
           });
           const int64_t o = n * pooled + (oi * p.ow + oj) * c;
-          std::copy(best.begin(), best.end(), ys + o);
+          for (int64_t ch = 0; ch < c; ++ch) ys[o + ch] = Narrow<T>(best[ch]);
           std::copy(at.begin(), at.end(), args + o);
         }
       }
@@ -177,26 +218,14 @@ void Forward(const Params& p, const float* xs, float* ys, uint8_t* args) {
   }
 }
 
-ffi::Error Fwd(ffi::Buffer<ffi::F32> x, ffi::ResultBuffer<ffi::F32> y,
-               ffi::ResultBuffer<ffi::U8> arg, int64_t size, int64_t towers,
-               int64_t window, int64_t stride, int64_t pad_top,
-               int64_t pad_left, float k, float scale, float beta) {
-  const Params p = Read(x.dimensions(), y->dimensions(), size, towers, window,
-                        stride, pad_top, pad_left, k, scale, beta);
-  if (auto e = Check(p); e.failure()) return e;
-  std::lock_guard<std::mutex> running(alexnet::ExecMutex());
-  (p.size == 5 ? Forward<5> : Forward<0>)(p, x.typed_data(), y->typed_data(),
-                                          arg->typed_data());
-  return ffi::Error::Success();
-}
-
-template <int kTaps>
-void Backward(const Params& p, const float* xs, const uint8_t* args, const float* dys,
-              float* dxs) {
+template <int kTaps, typename T>
+void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T* dxs) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
+  constexpr bool kFloat = std::is_same_v<T, float>;
 #pragma omp parallel
   {
     std::vector<float> g(image);  // the gradient reaching the pooling's input
+    std::vector<float> xf(kFloat ? 0 : image), dxf(kFloat ? 0 : image);
     Lrn<kTaps> lrn(p);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
@@ -204,37 +233,90 @@ void Backward(const Params& p, const float* xs, const uint8_t* args, const float
       for (int64_t oi = 0; oi < p.oh; ++oi) {
         for (int64_t oj = 0; oj < p.ow; ++oj) {
           const int64_t o = n * pooled + (oi * p.ow + oj) * c;
-          const float* go = dys + o;
+          const T* go = dys + o;
           const uint8_t* ao = args + o;
           ForEachTap(p, oi, oj, [&](uint8_t tap, int64_t pixel) {
             float* gp = g.data() + pixel * c;
-            for (int64_t ch = 0; ch < c; ++ch) gp[ch] += ao[ch] == tap ? go[ch] : 0.0f;
+            for (int64_t ch = 0; ch < c; ++ch) gp[ch] += ao[ch] == tap ? Widen(go[ch]) : 0.0f;
           });
         }
       }
-      const float* xn = xs + n * image;
-      float* dxn = dxs + n * image;
+      const float* xn = AsFloat(xs + n * image, image, xf);
+      float* dxn;
+      if constexpr (kFloat) {
+        dxn = dxs + n * image;
+      } else {
+        dxn = dxf.data();
+      }
       if (p.size) {
         for (int64_t px = 0; px < p.h * p.w; ++px)
           lrn.Backward(xn + px * c, g.data() + px * c, dxn + px * c);
       } else {
         for (int64_t i = 0; i < image; ++i) dxn[i] = xn[i] > 0.0f ? g[i] : 0.0f;
       }
+      if constexpr (!kFloat) {
+        for (int64_t i = 0; i < image; ++i) dxs[n * image + i] = Narrow<T>(dxn[i]);
+      }
     }
   }
 }
 
-ffi::Error Bwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> arg,
-               ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dx,
-               int64_t size, int64_t towers, int64_t window, int64_t stride,
-               int64_t pad_top, int64_t pad_left, float k, float scale,
-               float beta) {
+// The element type shared by the activations, or an error.
+std::optional<ffi::DataType> Floating(std::initializer_list<ffi::DataType> types) {
+  const ffi::DataType t = *types.begin();
+  for (ffi::DataType u : types)
+    if (u != t) return std::nullopt;
+  if (t != ffi::DataType::F32 && t != ffi::DataType::BF16) return std::nullopt;
+  return t;
+}
+
+const char kTypeError[] = "relu_lrn_pool: activations must all be float32 or all bfloat16";
+
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
+               ffi::ResultBuffer<ffi::U8> arg, int64_t size, int64_t towers,
+               int64_t window, int64_t stride, int64_t pad_top,
+               int64_t pad_left, float k, float scale, float beta) {
+  const Params p = Read(x.dimensions(), y->dimensions(), size, towers, window,
+                        stride, pad_top, pad_left, k, scale, beta);
+  if (auto e = Check(p); e.failure()) return e;
+  const auto type = Floating({x.element_type(), y->element_type()});
+  if (!type) return ffi::Error::InvalidArgument(kTypeError);
+  std::lock_guard<std::mutex> running(alexnet::ExecMutex());
+  uint8_t* a = arg->typed_data();
+  if (*type == ffi::DataType::F32) {
+    auto* xs = static_cast<const float*>(x.untyped_data());
+    auto* ys = static_cast<float*>(y->untyped_data());
+    (p.size == 5 ? Forward<5, float> : Forward<0, float>)(p, xs, ys, a);
+  } else {
+    auto* xs = static_cast<const Bf16*>(x.untyped_data());
+    auto* ys = static_cast<Bf16*>(y->untyped_data());
+    (p.size == 5 ? Forward<5, Bf16> : Forward<0, Bf16>)(p, xs, ys, a);
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
+               ffi::Result<ffi::AnyBuffer> dx, int64_t size, int64_t towers,
+               int64_t window, int64_t stride, int64_t pad_top,
+               int64_t pad_left, float k, float scale, float beta) {
   const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
+  const auto type = Floating({x.element_type(), dy.element_type(), dx->element_type()});
+  if (!type) return ffi::Error::InvalidArgument(kTypeError);
   std::lock_guard<std::mutex> running(alexnet::ExecMutex());
-  (p.size == 5 ? Backward<5> : Backward<0>)(p, x.typed_data(), arg.typed_data(),
-                                            dy.typed_data(), dx->typed_data());
+  const uint8_t* a = arg.typed_data();
+  if (*type == ffi::DataType::F32) {
+    auto* xs = static_cast<const float*>(x.untyped_data());
+    auto* dys = static_cast<const float*>(dy.untyped_data());
+    auto* dxs = static_cast<float*>(dx->untyped_data());
+    (p.size == 5 ? Backward<5, float> : Backward<0, float>)(p, xs, a, dys, dxs);
+  } else {
+    auto* xs = static_cast<const Bf16*>(x.untyped_data());
+    auto* dys = static_cast<const Bf16*>(dy.untyped_data());
+    auto* dxs = static_cast<Bf16*>(dx->untyped_data());
+    (p.size == 5 ? Backward<5, Bf16> : Backward<0, Bf16>)(p, xs, a, dys, dxs);
+  }
   return ffi::Error::Success();
 }
 
@@ -253,13 +335,13 @@ ffi::Error Bwd(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> arg,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_fwd, Fwd,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::U8>>() ALEXNET_POOL_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_bwd, Bwd,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_POOL_ATTRS);
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>() ALEXNET_POOL_ATTRS);
