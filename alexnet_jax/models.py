@@ -11,10 +11,14 @@ tower `t` owns output channels `[t * out / towers, (t + 1) * out / towers)`.
 The layout therefore does not depend on how the towers are computed or placed
 on devices, and a checkpoint is portable between layouts.
 
-On XLA CPU a convolution with `feature_group_count=2` is several times slower
-than two ordinary convolutions, so each tower is one convolution of its own
-array, and between layers the towers stay separate arrays (see `TowerConv`).
-Two more CPU-driven choices, each exact: max pooling and the conv bias add have hand-written
+On the CPU (`conv_impl` 'auto' or 'onednn') the convolutions are oneDNN's, a
+grouped layer is one oneDNN call with feature groups on an array that holds
+both towers, and ReLU, LRN and max pooling run as one fused kernel
+(`onednn.relu_lrn_pool`). With XLA's convolutions (GPUs, `conv_impl='xla'`),
+whose `feature_group_count=2` is several times slower on CPU than two ordinary
+convolutions, each tower is one convolution of its own array and the towers
+stay separate arrays between layers (see `TowerConv`). Two more CPU-driven
+choices, each exact: max pooling and the conv bias add have hand-written
 gradients (`max_pool`, `add_bias`), because XLA CPU's select_and_scatter and
 its reduce-window trees for bias gradients were large parts of the step.
 """

@@ -1,22 +1,25 @@
-"""oneDNN convolutions for XLA CPU, as XLA FFI custom calls.
+"""CPU kernels for XLA, as FFI custom calls: oneDNN convolutions, fused ReLU-LRN-pool.
 
 XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
 on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
-kernels, and what limits the step now"). This module
-compiles `csrc/onednn_conv.cc` against the system's oneDNN (Debian's
-`libdnnl-dev`) the first time it is needed, registers its three handlers with
-XLA, and exposes `conv_nhwc`: a convolution in the NHWC / HWIO layout whose
-forward pass, input gradient and kernel gradient are oneDNN primitives.
+kernels, and what limits the step now"), and ReLU, LRN and max pooling as
+several loops over whole arrays. This module compiles `csrc/onednn_conv.cc`
+(against the system's oneDNN, Debian's `libdnnl-dev`) and
+`csrc/relu_lrn_pool.cc` into one library the first time it is needed,
+registers their handlers with XLA, and exposes
+  conv_nhwc      a convolution in the NHWC / HWIO layout, with feature groups,
+                 whose forward pass and both gradients are oneDNN primitives;
+  relu_lrn_pool  max_pool(local_response_norm(relu(x))) in one pass per
+                 direction.
 
-`models.conv_nhwc` uses it when `config.conv_impl` is 'onednn', or 'auto' (the
-default) and JAX runs on the CPU; on GPUs XLA's own convolutions are kept. The
-library is built once per source, jaxlib and oneDNN version into
+`models` uses them when `config.conv_impl` is 'onednn', or 'auto' (the
+default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
+library is built once per source, jaxlib, oneDNN version and CPU into
 $ALEXNET_BUILD_DIR (default ~/.cache/alexnet_jax) with an atomic rename, so
 concurrent processes may build it at once.
 
   python -m alexnet_jax.onednn     # builds it and checks it against XLA
 """
-
 from __future__ import annotations
 
 import ctypes
@@ -336,7 +339,7 @@ def main():
   import time  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   path = build()
-  print(f'oneDNN convolutions: {path} ({time.perf_counter() - start:.1f} s)')
+  print(f'CPU kernels: {path} ({time.perf_counter() - start:.1f} s)')
   key = jax.random.key(0)
   x = jax.random.normal(key, (2, 13, 13, 8))
   w = jax.random.normal(jax.random.key(1), (3, 3, 8, 16))
@@ -345,8 +348,15 @@ def main():
   err = float(np.max(np.abs(np.asarray(conv_nhwc(x, w, 1, 'SAME') - ref))))
   print(f'max |oneDNN - XLA| on a 3x3 convolution: {err:.2e}')
   print(describe(), end='')
-  if not err < 1e-4:
-    raise SystemExit('oneDNN and XLA disagree')
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  a = jax.nn.relu(ref)
+  a = models.max_pool(models.local_response_norm(a, towers=2), 3, 2)
+  b = relu_lrn_pool(ref, window=3, stride=2, towers=2,
+                    lrn={'size': 5, 'k': 2.0, 'scale': 1e-4, 'beta': 0.75})
+  fused_err = float(np.max(np.abs(np.asarray(a - b))))
+  print(f'max |fused - XLA| of ReLU, LRN and pooling: {fused_err:.2e}')
+  if not (err < 1e-4 and fused_err < 1e-4):
+    raise SystemExit('the CPU kernels and XLA disagree')
 
 
 if __name__ == '__main__':

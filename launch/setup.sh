@@ -30,6 +30,7 @@ if ! cmp -s requirements.txt .venv/.requirements.installed; then
   cp requirements.txt .venv/.requirements.installed
 fi
 
-# Compiles alexnet_jax/csrc/onednn_conv.cc once (a few seconds) and checks it.
+# Compiles alexnet_jax/csrc/*.cc (oneDNN convolutions, fused ReLU-LRN-pool) once (a
+# few seconds) and checks them.
 JAX_PLATFORMS=cpu TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python -m alexnet_jax.onednn \
-  || echo "warning: the oneDNN convolutions could not be built; XLA's are used instead"
+  || echo "warning: the CPU kernels could not be built; XLA's operations are used instead"
