@@ -194,16 +194,9 @@ def max_pool(x_BHWC: jax.Array, window: int, stride: int,
   order gets the gradient); the backward pass is a fused masked scatter
   per phase of the stride instead of XLA's select_and_scatter.
   """
+  pads = [onednn.pool_pads(size, window, stride, padding) for size in x_BHWC.shape[1:3]]
   if padding == 'SAME':
-    pads = []
-    for size in x_BHWC.shape[1:3]:
-      out = -(-size // stride)
-      total = max((out - 1) * stride + window - size, 0)
-      pads.append((total // 2, total - total // 2))
-    x_BHWC = jnp.pad(x_BHWC, [(0, 0)] + pads + [(0, 0)],
-                     constant_values=-jnp.inf)
-  elif padding != 'VALID':
-    raise ValueError(f"padding={padding!r}; use 'VALID' or 'SAME'")
+    x_BHWC = jnp.pad(x_BHWC, [(0, 0)] + pads + [(0, 0)], constant_values=-jnp.inf)
   return _max_pool_valid(x_BHWC, window, stride)
 
 

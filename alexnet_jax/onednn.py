@@ -267,7 +267,8 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
   return _conv(x, kernel, int(stride), pads, int(groups))
 
 
-def _pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
+def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
+  """(before, after) pads of one spatial axis for 'VALID' or 'SAME' pooling."""
   if padding == 'VALID':
     return 0, 0
   if padding != 'SAME':
@@ -323,8 +324,8 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
   if x.shape[-1] % towers or window * window > 256:
     raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
                      'channels must split evenly and windows hold at most 256 taps')
-  pt, pb = _pool_pads(x.shape[1], window, stride, padding)
-  pl, pr = _pool_pads(x.shape[2], window, stride, padding)
+  pt, pb = pool_pads(x.shape[1], window, stride, padding)
+  pl, pr = pool_pads(x.shape[2], window, stride, padding)
   lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
   attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
            ('window', np.int64(window)), ('stride', np.int64(stride)),
