@@ -385,44 +385,43 @@ class AlexNet(nn.Module):
         init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl,
         name=f'conv{i + 1}')
 
-  def _relu_lrn_pool(self, xs: list[jax.Array], lrn: bool) -> list[jax.Array]:
-    """pool(lrn(relu(x))) (pool(relu(x)) with lrn=False) of every array.
+  def relu_lrn_pool(self, x: jax.Array, lrn: bool, towers: int) -> jax.Array:
+    """pool(lrn(relu(x))), or pool(relu(x)) with lrn=False, for one array.
 
-    Each tower normalises only its own maps, as each GPU did in the paper.
-    On oneDNN's path the three run fused (`onednn.relu_lrn_pool`).
+    x holds `towers` towers side by side; each normalises only its own maps,
+    as each GPU did in the paper. On oneDNN's path the three run fused
+    (`onednn.relu_lrn_pool`). Uses no parameters (`parallel` calls it too).
     """
     lrn = lrn and self.use_lrn
-    towers = self.towers // len(xs)  # towers per array
-    scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
     w, s, pad = self.pool_window, self.pool_stride, self.pool_padding
-    if uses_onednn(self.conv_impl, xs[0].dtype):
+    if uses_onednn(self.conv_impl, x.dtype):
+      scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
       params = dict(size=self.lrn_size, k=self.lrn_k, scale=scale, beta=self.lrn_beta)
-      return [onednn.relu_lrn_pool(x, window=w, stride=s, padding=pad,
-                                   lrn=params if lrn else None, towers=towers) for x in xs]
-    out = []
-    for x in xs:
-      x = nn.relu(x)
-      if lrn:
-        x = local_response_norm(x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
-                                beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size,
-                                towers=towers)
-      out.append(max_pool(x, w, s, pad))
-    return out
+      return onednn.relu_lrn_pool(x, window=w, stride=s, padding=pad,
+                                  lrn=params if lrn else None, towers=towers)
+    x = nn.relu(x)
+    if lrn:
+      x = local_response_norm(x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
+                              beta=self.lrn_beta, alpha_over_size=self.lrn_alpha_over_size,
+                              towers=towers)
+    return max_pool(x, w, s, pad)
 
   @nn.compact
   def __call__(self, images_BHWC: jax.Array, *, train: bool) -> jax.Array:
     # Activations are lists of arrays holding the towers side by side (see
     # TowerConv).
     each = lambda f, xs: [f(x) for x in xs]
+    relu_lrn_pool = lambda xs, lrn: [self.relu_lrn_pool(x, lrn, self.towers // len(xs))
+                                     for x in xs]
     # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
     # that the ReLUs receive positive inputs early on (section 5).
     xs = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
                     padding=self.conv1_padding)(images_BHWC)
-    xs = self._relu_lrn_pool(xs, lrn=True)
-    xs = self._relu_lrn_pool(self._conv(1, grouped=True, bias=1.0)(xs), lrn=True)
+    xs = relu_lrn_pool(xs, lrn=True)
+    xs = relu_lrn_pool(self._conv(1, grouped=True, bias=1.0)(xs), lrn=True)
     xs = each(nn.relu, self._conv(2, grouped=False, bias=0.0)(xs))
     xs = each(nn.relu, self._conv(3, grouped=True, bias=1.0)(xs))
-    xs = self._relu_lrn_pool(self._conv(4, grouped=True, bias=1.0)(xs), lrn=False)
+    xs = relu_lrn_pool(self._conv(4, grouped=True, bias=1.0)(xs), lrn=False)
     # Side by side before flattening: fc6's kernel rows follow the canonical
     # (h, w, c) order of the single-array network.
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)

@@ -223,17 +223,9 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
                          model.conv_impl)
     return models.add_bias(y, p[name]['bias'])
 
-  def lrn(x):
-    if not model.use_lrn:
-      return x
-    # A tower's maps are exactly one normalisation block of the canonical
-    # network, whose windows never cross towers.
-    return models.local_response_norm(
-        x, size=model.lrn_size, k=model.lrn_k, alpha=model.lrn_alpha,
-        beta=model.lrn_beta, alpha_over_size=model.lrn_alpha_over_size, towers=1)
-
-  def pool(x):
-    return models.max_pool(x, model.pool_window, model.pool_stride, model.pool_padding)
+  # A tower's maps are exactly one normalisation block of the canonical
+  # network, whose windows never cross towers.
+  relu_lrn_pool = functools.partial(model.relu_lrn_pool, towers=1)
 
   def dense(name, x):
     return x.astype(dt) @ p[name]['kernel'].astype(dt) + p[name]['bias'].astype(dt)
@@ -249,11 +241,11 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
 
   x = conv('conv1', images_BHWC, 0, stride=model.conv1_stride,
            padding=model.conv1_padding)
-  x = pool(lrn(nn.relu(x)))
-  x = pool(lrn(nn.relu(conv('conv2', x, 1))))
+  x = relu_lrn_pool(x, lrn=True)
+  x = relu_lrn_pool(conv('conv2', x, 1), lrn=True)
   x = nn.relu(conv('conv3', _gather_towers(x, layout), 2))  # exchange 1
   x = nn.relu(conv('conv4', x, 3))
-  x = pool(nn.relu(conv('conv5', x, 4)))
+  x = relu_lrn_pool(conv('conv5', x, 4), lrn=False)
   # Gathered before flattening, so the features are in the canonical
   # (h, w, c) order that fc6's kernel rows follow.
   x = _gather_towers(x, layout)  # exchange 2
