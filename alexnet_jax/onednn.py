@@ -20,6 +20,7 @@ concurrent processes may build it at once.
 
   python -m alexnet_jax.onednn     # builds it and checks it against XLA
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -64,9 +65,9 @@ def _compile_command(out: pathlib.Path) -> list[str]:
   # -march=native: the library is built on the machine that runs it (its
   # name is keyed by the CPU's instruction sets, see library_path).
   cxx = os.environ.get('CXX', 'g++')
-  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-std=c++17', '-shared', '-fPIC',
-          '-w', f'-I{jax.ffi.include_dir()}', *map(str, SOURCES), '-o', str(out),
-          '-ldnnl']
+  return [cxx, '-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-std=c++17',
+          '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}', *map(str, SOURCES),
+          '-o', str(out), '-ldnnl']
 
 
 def _cpu_flags() -> bytes:
@@ -277,28 +278,24 @@ def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, i
   return total // 2, total - total // 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _relu_lrn_pool(x, attrs):
-  return _relu_lrn_pool_fwd(x, attrs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _relu_lrn_pool(x, y_shape, attrs):
+  return _relu_lrn_pool_fwd(x, y_shape, attrs)[0]
 
 
-def _relu_lrn_pool_fwd(x, attrs):
-  a = dict(attrs)
-  n, h, w, c = x.shape
-  oh = (h + a['pad_top'] + a.pop('pad_bottom') - a['window']) // a['stride'] + 1
-  ow = (w + a['pad_left'] + a.pop('pad_right') - a['window']) // a['stride'] + 1
+def _relu_lrn_pool_fwd(x, y_shape, attrs):
   y, arg = jax.ffi.ffi_call(
       'alexnet_relu_lrn_pool_fwd',
-      (jax.ShapeDtypeStruct((n, oh, ow, c), x.dtype), jax.ShapeDtypeStruct((n, oh, ow, c), np.uint8)),
-      vmap_method='sequential')(x, **a)
+      (jax.ShapeDtypeStruct(y_shape, x.dtype), jax.ShapeDtypeStruct(y_shape, np.uint8)),
+      vmap_method='sequential')(x, **dict(attrs))
   return y, (x, arg)
 
 
-def _relu_lrn_pool_bwd(attrs, res, dy):
+def _relu_lrn_pool_bwd(y_shape, attrs, res, dy):
+  del y_shape
   x, arg = res
-  a = {k: v for k, v in attrs if k not in ('pad_bottom', 'pad_right')}
   return (jax.ffi.ffi_call('alexnet_relu_lrn_pool_bwd', jax.ShapeDtypeStruct(x.shape, x.dtype),
-                           vmap_method='sequential')(x, arg, dy, **a),)
+                           vmap_method='sequential')(x, arg, dy, **dict(attrs)),)
 
 
 _relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
@@ -324,16 +321,17 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
   if x.shape[-1] % towers or window * window > 256:
     raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
                      'channels must split evenly and windows hold at most 256 taps')
-  pt, pb = pool_pads(x.shape[1], window, stride, padding)
-  pl, pr = pool_pads(x.shape[2], window, stride, padding)
+  n, h, w, c = x.shape
+  pt, pb = pool_pads(h, window, stride, padding)
+  pl, pr = pool_pads(w, window, stride, padding)
+  y_shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
   lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
   attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
            ('window', np.int64(window)), ('stride', np.int64(stride)),
-           ('pad_top', np.int64(pt)), ('pad_bottom', np.int64(pb)),
-           ('pad_left', np.int64(pl)), ('pad_right', np.int64(pr)),
+           ('pad_top', np.int64(pt)), ('pad_left', np.int64(pl)),
            ('k', np.float32(lrn['k'])), ('scale', np.float32(lrn['scale'])),
            ('beta', np.float32(lrn['beta'])))
-  return _relu_lrn_pool(x, attrs)
+  return _relu_lrn_pool(x, y_shape, attrs)
 
 
 def main():
