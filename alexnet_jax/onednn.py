@@ -16,7 +16,8 @@ registers their handlers with XLA, and exposes
 default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
 library is built once per source, jaxlib, oneDNN version and CPU into
 $ALEXNET_BUILD_DIR (default ~/.cache/alexnet_jax) with an atomic rename, so
-concurrent processes may build it at once.
+concurrent processes may build it at once; $CXX and $CXXFLAGS choose the
+compiler and add flags.
 
   python -m alexnet_jax.onednn     # builds it and checks it against XLA
 """
@@ -63,11 +64,12 @@ def build_dir() -> pathlib.Path:
 
 def _compile_command(out: pathlib.Path) -> list[str]:
   # -march=native: the library is built on the machine that runs it (its
-  # name is keyed by the CPU's instruction sets, see library_path).
+  # name is keyed by the CPU's instruction sets, see library_path). $CXXFLAGS
+  # come last, e.g. -mno-avx512f for the kernels' portable loops.
   cxx = os.environ.get('CXX', 'g++')
   return [cxx, '-O3', '-march=native', '-fno-math-errno', '-fopenmp', '-std=c++17',
           '-shared', '-fPIC', '-w', f'-I{jax.ffi.include_dir()}', *map(str, SOURCES),
-          '-o', str(out), '-ldnnl']
+          '-o', str(out), '-ldnnl', *shlex.split(os.environ.get('CXXFLAGS', ''))]
 
 
 def _cpu_flags() -> bytes:
@@ -169,6 +171,11 @@ def version() -> str:
   v = (ctypes.c_int * 3)()
   load().alexnet_onednn_version(v)
   return '.'.join(str(x) for x in v)
+
+
+def fused_lanes() -> int:
+  """Float32 lanes of the fused kernel's LRN loops: 16 with AVX-512, else 1."""
+  return load().alexnet_relu_lrn_pool_lanes()
 
 
 def record(impl: str, dtype) -> dict:
@@ -312,7 +319,8 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
   before the pooling, as in `models`. `lrn`: None, or the LRN's `size`,
   `k`, `scale` (the alpha that multiplies the window sum) and `beta`, its
   windows clipped to each of `towers` channel blocks. Pooling as
-  `models.max_pool` (ties: the first maximum in row-major order).
+  `models.max_pool` (ties: the first maximum in row-major order; a NaN is
+  a maximum, and passes on, as in XLA).
   """
   load()
   if x.dtype not in (np.float32, jax.numpy.bfloat16) or x.ndim != 4:
@@ -353,7 +361,8 @@ def main():
   b = relu_lrn_pool(ref, window=3, stride=2, towers=2,
                     lrn={'size': 5, 'k': 2.0, 'scale': 1e-4, 'beta': 0.75})
   fused_err = float(np.max(np.abs(np.asarray(a - b))))
-  print(f'max |fused - XLA| of ReLU, LRN and pooling: {fused_err:.2e}')
+  print(f'max |fused - XLA| of ReLU, LRN and pooling: {fused_err:.2e} '
+        f'({fused_lanes()} float32 lanes)')
   if not (err < 1e-4 and fused_err < 1e-4):
     raise SystemExit('the CPU kernels and XLA disagree')
 

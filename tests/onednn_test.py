@@ -1,6 +1,10 @@
 """oneDNN convolutions: values and gradients against XLA's, selection, errors."""
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -203,7 +207,10 @@ FUSED_CASES = [
     ((3, 12, 11, 6), None, 1, 3, 2, 'SAME'),          # -inf padding, odd sizes
     ((2, 14, 14, 8), PAPER_LRN, 2, 3, 2, 'SAME'),     # the demo's
     ((2, 9, 9, 12), dict(size=4, k=1.0, scale=0.1, beta=0.6), 3, 2, 2, 'VALID'),  # even window,
-]                                                     # another beta, three towers
+                                                      # another beta, three towers
+    ((2, 13, 13, 96), PAPER_LRN, 2, 3, 2, 'VALID'),   # paper conv1's 48-channel towers
+    ((1, 7, 7, 80), dict(size=7, k=1.0, scale=0.01, beta=0.75), 2, 3, 2, 'SAME'),  # 40-channel
+]                                                     # towers, window of 7 (not unrolled)
 
 
 @pytest.mark.parametrize('shape,lrn,towers,window,stride,padding', FUSED_CASES)
@@ -261,3 +268,55 @@ def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():
     onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 6)), window=3, stride=2, towers=4)
   with pytest.raises(ValueError, match="padding='FULL'"):
     onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4)), window=3, stride=2, padding='FULL')
+
+
+def test_fused_relu_lrn_pool_passes_a_nan_on_as_xla_does():
+  x = jax.random.normal(jax.random.key(10), (1, 9, 9, 16)) * 3
+  x = x.at[0, 4, 4, 3].set(jnp.nan)
+  fused = lambda x, lrn: onednn.relu_lrn_pool(x, window=3, stride=2, lrn=lrn,  # noqa: E731
+                                              towers=2)
+  # ReLU and pool: NaN exactly in the outputs whose windows hold (4, 4):
+  # rows and columns 1 and 2 of the 4x4 output, channel 3.
+  y = np.asarray(fused(x, None))
+  np.testing.assert_array_equal(np.isnan(y), np.isnan(_xla_relu_lrn_pool(x, None, 2, 3, 2,
+                                                                          'VALID')))
+  want = np.zeros(y.shape, bool)
+  want[0, 1:3, 1:3, 3] = True
+  np.testing.assert_array_equal(np.isnan(y), want)
+  # With the LRN the NaN reaches channels 1-5 of its tower (0-7), no further.
+  y = np.asarray(fused(x, PAPER_LRN))
+  want[0, 1:3, 1:3, 1:6] = True
+  np.testing.assert_array_equal(np.isnan(y), want)
+
+
+def test_fused_relu_lrn_pool_portable_loops_match_xla(tmp_path):
+  """The kernel built without AVX-512 (as on CPUs that lack it) agrees too."""
+  script = textwrap.dedent('''
+      import jax, jax.numpy as jnp, numpy as np
+      from alexnet_jax import models, onednn
+      assert onednn.fused_lanes() == 1, onednn.fused_lanes()
+      lrn = dict(size=5, k=2.0, scale=1e-4, beta=0.75)
+      for c, towers, size in ((96, 2, 5), (20, 1, 4)):
+        lrn['size'] = size
+        x = jax.random.normal(jax.random.key(0), (2, 13, 13, c)) * 3
+        def ref(x):
+          y = models.local_response_norm(jax.nn.relu(x), size=size, towers=towers)
+          return models.max_pool(y, 3, 2)
+        fused = lambda x: onednn.relu_lrn_pool(x, window=3, stride=2, lrn=lrn, towers=towers)
+        for f in (ref, fused):
+          y, vjp = jax.vjp(f, x)
+          print(repr((np.asarray(y).tolist(), np.asarray(vjp(y)[0]).tolist())))
+  ''')
+  env = dict(os.environ, ALEXNET_BUILD_DIR=str(tmp_path), CXXFLAGS='-mno-avx512f',
+             JAX_PLATFORMS='cpu')
+  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                       text=True, check=False, timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  lines = out.stdout.splitlines()
+  assert len(lines) == 4
+  for want, got in (lines[0:2], lines[2:4]):
+    for w, g in zip(eval(want), eval(got)):  # pylint: disable=eval-used
+      w, g = np.asarray(w), np.asarray(g)
+      np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.max(np.abs(w)))
+  if 'avx512f' in open('/proc/cpuinfo').read():
+    assert onednn.fused_lanes() == 16  # and the default build uses AVX-512

@@ -7,14 +7,20 @@
 // Each image is read once per direction and its normalised maps stay in a
 // per-thread buffer, where XLA runs the three operations as several loops
 // over whole arrays and keeps the LRN's intermediates for the backward pass.
+// dx, which the convolution's gradients read only later, is written around
+// the caches (streaming stores) when its vectors are aligned.
 //
 // LRN (models.local_response_norm): b_c = a_c / (k + scale * S_c) ** beta,
 // S_c = sum of a_j^2 over j in [c - size / 2, c + (size - 1) / 2] within c's
 // tower of C / towers channels; size = 0 turns it off. Pooling
 // (models.max_pool): windows of `window` x `window` taps every `stride`
 // pixels, padded by pad_top / pad_left with -inf; ties go to the first
-// maximum in row-major window order. The ReLU's gradient at 0 is 0.
+// maximum in row-major window order, and a NaN counts as a maximum (XLA's
+// max passes NaNs on). The ReLU's gradient at 0 is 0.
 #include <omp.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -23,6 +29,7 @@
 #include <initializer_list>
 #include <limits>
 #include <mutex>
+#include <new>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -43,77 +50,225 @@ struct Params {
   float k, scale, beta;
 };
 
-// The LRN of one pixel's C channels at a time. Each channel's window is
-// clipped to its tower by 0/1 masks, so that every step is one loop over the
-// C channels, vectorised (with the window unrolled for kTaps = size > 0).
-template <int kTaps>
-class Lrn {
- public:
-  explicit Lrn(const Params& p)
-      : p_(p), taps_(kTaps ? kTaps : p.size), lo_(p.size / 2), hi_((p.size - 1) / 2),
-        fwd_mask_(taps_ * p.c), bwd_mask_(taps_ * p.c), r_(p.c + taps_),
-        u_(p.c + taps_), d_(p.c), inv_(p.c) {
-    const int64_t per = p.c / p.towers;
-    for (int64_t t = 0; t < taps_; ++t) {
-      for (int64_t i = 0; i < p.c; ++i) {
-        const int64_t f = i % per + t - lo_, b = i % per + t - hi_;
-        fwd_mask_[t * p.c + i] = f >= 0 && f < per;
-        bwd_mask_[t * p.c + i] = b >= 0 && b < per;
-      }
+// Allocates floats on 64-byte boundaries, for whole-vector loads and stores.
+template <typename T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <typename U>
+  AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(std::size_t n) {
+    return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64)));
+  }
+  void deallocate(T* p, std::size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U>
+  bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+
+// Lanes of float32 for the LRN's loops: 16 with AVX-512, else 1. Max(0, x)
+// keeps a NaN x, as XLA's ReLU does. InvPow075 returns d ** -0.75 and sets
+// recip = 1 / d, for d > 0. Shift<k>(p), p the start of a vector in a buffer
+// padded by a vector on each side, is the vector k lanes further on (|k| < 16):
+// shifted in registers, since an unaligned load of values just stored
+// waits for the stores to reach the cache. StoreOnce writes values that will
+// not be read again soon (streaming when the vector is whole and aligned).
+#ifdef __AVX512F__
+struct Lanes {
+  using V = __m512;
+  using M = __mmask16;
+  static constexpr int64_t kWidth = 16;
+  static M Mask(int64_t left) {
+    return left >= 16 ? static_cast<M>(0xffff) : static_cast<M>((1u << left) - 1);
+  }
+  static V Load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static void Store(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  static V LoadAt(const float* p) { return _mm512_load_ps(p); }
+  static V LoadAnywhere(const float* p) { return _mm512_loadu_ps(p); }
+  static void StoreAt(float* p, V v) { _mm512_store_ps(p, v); }
+  static void StoreOnce(float* p, V v, M m) {
+    if (m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
+    else _mm512_mask_storeu_ps(p, m, v);
+  }
+  template <int k>
+  static V Shift(const float* p) {
+    static_assert(k > -16 && k < 16, "LRN windows reach at most 15 channels");
+    if constexpr (k == 0) {
+      return LoadAt(p);
+    } else if constexpr (k > 0) {
+      return Cast(_mm512_alignr_epi32(Cast(LoadAt(p + 16)), Cast(LoadAt(p)), k));
+    } else {
+      return Cast(_mm512_alignr_epi32(Cast(LoadAt(p)), Cast(LoadAt(p - 16)), 16 + k));
     }
   }
+  static V Set(float v) { return _mm512_set1_ps(v); }
+  static V Add(V a, V b) { return _mm512_add_ps(a, b); }
+  static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
+  static V MulAdd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }      // a b + c
+  static V NegMulAdd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }  // c - a b
+  static V Max(V a, V b) { return _mm512_max_ps(a, b); }  // b where either is NaN
+  static V IfPositive(V x, V v) {
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), v);
+  }
+  // The 14-bit reciprocal square root refined by one Newton step (relative
+  // error about 1e-7, as the division and square roots it replaces have):
+  // y = d ** -0.5, z = (d y) ** -0.5 = d ** -0.25, d ** -0.75 = y z, 1 / d = y y.
+  static V Rsqrt(V a) {
+    const V y = _mm512_rsqrt14_ps(a);
+    return Mul(Mul(Set(0.5f), y), NegMulAdd(Mul(a, y), y, Set(3.0f)));
+  }
+  static V InvPow075(V d, V* recip) {
+    const V y = Rsqrt(d);
+    *recip = Mul(y, y);
+    return Mul(y, Rsqrt(Mul(d, y)));
+  }
+  static V InvPow(V d, float beta, V* recip) {  // beta other than the paper's
+    alignas(64) float v[16];
+    _mm512_store_ps(v, d);
+    for (float& e : v) e = std::pow(e, -beta);
+    *recip = _mm512_div_ps(Set(1.0f), d);
+    return _mm512_load_ps(v);
+  }
+
+ private:
+  static __m512i Cast(V v) { return _mm512_castps_si512(v); }
+  static V Cast(__m512i v) { return _mm512_castsi512_ps(v); }
+};
+#else
+struct Lanes {
+  using V = float;
+  using M = bool;
+  static constexpr int64_t kWidth = 1;
+  static M Mask(int64_t) { return true; }
+  static V Load(const float* p, M) { return *p; }
+  static void Store(float* p, V v, M) { *p = v; }
+  static V LoadAt(const float* p) { return *p; }
+  static V LoadAnywhere(const float* p) { return *p; }
+  static void StoreAt(float* p, V v) { *p = v; }
+  static void StoreOnce(float* p, V v, M) { *p = v; }
+  template <int k>
+  static V Shift(const float* p) { return p[k]; }
+  static V Set(float v) { return v; }
+  static V Add(V a, V b) { return a + b; }
+  static V Mul(V a, V b) { return a * b; }
+  static V MulAdd(V a, V b, V c) { return a * b + c; }
+  static V NegMulAdd(V a, V b, V c) { return c - a * b; }
+  static V Max(V a, V b) { return a > b ? a : b; }
+  static V IfPositive(V x, V v) { return x > 0.0f ? v : 0.0f; }
+  static V InvPow075(V d, V* recip) {
+    const float root = std::sqrt(d);
+    *recip = 1.0f / d;
+    return 1.0f / (root * std::sqrt(root));
+  }
+  static V InvPow(V d, float beta, V* recip) {
+    *recip = 1.0f / d;
+    return std::pow(d, -beta);
+  }
+};
+#endif
+
+// The LRN of one pixel's C channels at a time, one tower after another. A
+// tower's squares (and, backward, its terms u) are stored as whole vectors in
+// a buffer zero-padded on both sides beyond the window's reach, so that every
+// channel sums the same taps and each step is one pass of whole vectors. For
+// kTaps = size > 0 the taps are shifts in registers; otherwise loads.
+template <int kTaps>
+class Lrn {
+  using L = Lanes;
+  using V = L::V;
+  static constexpr int64_t kW = L::kWidth;
+
+ public:
+  explicit Lrn(const Params& p)
+      : p_(p), lo_(p.size / 2), hi_((p.size - 1) / 2), per_(p.c / p.towers),
+        vectors_((per_ + kW - 1) / kW), pad_((std::max(lo_, hi_) + kW - 1) / kW * kW),
+        sq_(Buffer()), u_(Buffer()), ginv_(Buffer()) {}
 
   // out = r * d ** -beta, r = relu(x): the LRN's output.
   void Forward(const float* x, float* out) {
-    Normalise(x);
-    const float* r = r_.data() + lo_;
-    for (int64_t i = 0; i < p_.c; ++i) out[i] = r[i] * inv_[i];
+    for (int64_t o = 0; o < p_.c; o += per_) {
+      Normalise(x + o, [&](int64_t j, typename L::M m, V r, V inv, V) {
+        L::Store(out + o + j * kW, L::Mul(r, inv), m);
+      });
+    }
   }
 
   // dx from x and g, the gradient of the LRN's output:
-  // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} g_c r_c inv_c / d_c.
+  // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c, u_c = g_c r_c inv_c / d_c.
   void Backward(const float* x, const float* g, float* dx) {
-    Normalise(x);
-    const float* r = r_.data() + lo_;
-    float* u = u_.data() + hi_;  // zero-padded: hi in front, lo behind
-    for (int64_t i = 0; i < p_.c; ++i) u[i] = g[i] * r[i] * inv_[i] / d_[i];
-    const float two_beta_scale = 2.0f * p_.beta * p_.scale;
-    const float* mask = bwd_mask_.data();
-    for (int64_t i = 0; i < p_.c; ++i) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < Taps(); ++t) s += mask[t * p_.c + i] * u_[i + t];
-      const float dr = g[i] * inv_[i] - two_beta_scale * r[i] * s;
-      dx[i] = x[i] > 0.0f ? dr : 0.0f;
+    const V two_beta_scale = L::Set(2.0f * p_.beta * p_.scale);
+    for (int64_t o = 0; o < p_.c; o += per_) {
+      Normalise(x + o, [&](int64_t j, typename L::M m, V r, V inv, V recip) {
+        const V ginv = L::Mul(L::Load(g + o + j * kW, m), inv);
+        L::StoreAt(At(ginv_, j), ginv);
+        L::StoreAt(At(u_, j), L::Mul(L::Mul(ginv, r), recip));
+      });
+      for (int64_t j = 0; j < vectors_; ++j) {
+        const auto m = L::Mask(per_ - j * kW);
+        const V xj = L::Load(x + o + j * kW, m);
+        const V r = L::Max(L::Set(0.0f), xj);
+        // u_c for c in [i - hi, i + lo]: the channels whose windows hold i.
+        const V s = kTaps ? Sum<-(kTaps - 1) / 2, kTaps / 2>(At(u_, j)) : Sum(At(u_, j), -hi_, lo_);
+        const V dr = L::NegMulAdd(L::Mul(two_beta_scale, r), s, L::LoadAt(At(ginv_, j)));
+        L::StoreOnce(dx + o + j * kW, L::IfPositive(xj, dr), m);
+      }
     }
   }
 
  private:
-  int64_t Taps() const { return kTaps ? kTaps : taps_; }
+  using Aligned = std::vector<float, AlignedAllocator<float>>;
+  Aligned Buffer() const { return Aligned((vectors_ * kW + 2 * pad_), 0.0f); }
+  float* At(Aligned& b, int64_t j) const { return b.data() + pad_ + j * kW; }
 
-  // r_ = relu(x) (zero-padded: lo in front, hi behind), d_ = k + scale * S,
-  // inv_ = d_ ** -beta (for the paper's 0.75 as models._inverse_power has it).
-  void Normalise(const float* x) {
-    float* r = r_.data() + lo_;
-    for (int64_t i = 0; i < p_.c; ++i) r[i] = std::max(x[i], 0.0f);
-    const float* mask = fwd_mask_.data();
-    for (int64_t i = 0; i < p_.c; ++i) {
-      float s = 0.0f;
-      for (int64_t t = 0; t < Taps(); ++t) s += mask[t * p_.c + i] * (r_[i + t] * r_[i + t]);
-      d_[i] = p_.k + p_.scale * s;
-    }
-    if (p_.beta == 0.75f) {
-      for (int64_t i = 0; i < p_.c; ++i) {
-        const float root = std::sqrt(d_[i]);
-        inv_[i] = 1.0f / (root * std::sqrt(root));
-      }
-    } else {
-      for (int64_t i = 0; i < p_.c; ++i) inv_[i] = std::pow(d_[i], -p_.beta);
+  // f(j, m, r, inv, recip) for the vectors j of the tower x starts: their
+  // lanes m, r = relu(x), inv = d ** -beta and recip = 1 / d.
+  template <typename F>
+  void Normalise(const float* x, F f) {
+    Squares(x);
+    for (int64_t j = 0; j < vectors_; ++j) {
+      const auto m = L::Mask(per_ - j * kW);
+      V recip;
+      const V inv = Inverse(j, &recip);
+      f(j, m, L::Max(L::Set(0.0f), L::Load(x + j * kW, m)), inv, recip);
     }
   }
 
+  // sq_ = relu(x) ** 2 of one tower, zero beyond it.
+  void Squares(const float* x) {
+    for (int64_t j = 0; j < vectors_; ++j) {
+      const V r = L::Max(L::Set(0.0f), L::Load(x + j * kW, L::Mask(per_ - j * kW)));
+      L::StoreAt(At(sq_, j), L::Mul(r, r));
+    }
+  }
+
+  // The sum of the values from kFrom to kTo lanes away from p's.
+  template <int kFrom, int kTo>
+  static V Sum(const float* p) {
+    if constexpr (kFrom == kTo) {
+      return L::Shift<kFrom>(p);
+    } else {
+      return L::Add(L::Shift<kFrom>(p), Sum<kFrom + 1, kTo>(p));
+    }
+  }
+  static V Sum(const float* p, int64_t from, int64_t to) {
+    V s = L::LoadAnywhere(p + from);
+    for (int64_t k = from + 1; k <= to; ++k) s = L::Add(s, L::LoadAnywhere(p + k));
+    return s;
+  }
+
+  // d ** -beta and 1 / d, d = k + scale * S, for the tower's vector j in sq_.
+  V Inverse(int64_t j, V* recip) {
+    const float* sq = At(sq_, j);
+    const V s = kTaps ? Sum<-kTaps / 2, (kTaps - 1) / 2>(sq) : Sum(sq, -lo_, hi_);
+    const V d = L::MulAdd(L::Set(p_.scale), s, L::Set(p_.k));
+    // The paper's beta, as models._inverse_power has it.
+    return p_.beta == 0.75f ? L::InvPow075(d, recip) : L::InvPow(d, p_.beta, recip);
+  }
+
   const Params& p_;
-  const int64_t taps_, lo_, hi_;
-  std::vector<float> fwd_mask_, bwd_mask_, r_, u_, d_, inv_;
+  const int64_t lo_, hi_, per_, vectors_, pad_;
+  Aligned sq_, u_, ginv_;
 };
 
 // f(tap, pixel) for the in-bounds taps of output (oi, oj)'s window, in
@@ -191,7 +346,7 @@ void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
       if (p.size) {
         for (int64_t px = 0; px < p.h * p.w; ++px) lrn.Forward(xn + px * c, b.data() + px * c);
       } else {
-        for (int64_t i = 0; i < image; ++i) b[i] = std::max(xn[i], 0.0f);
+        for (int64_t i = 0; i < image; ++i) b[i] = xn[i] < 0.0f ? 0.0f : xn[i];  // keeps NaN
       }
       if constexpr (!std::is_same_v<T, float>) {
         // Pool the values the LRN returns in T (ties as XLA sees them).
@@ -204,7 +359,8 @@ void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
           ForEachTap(p, oi, oj, [&](uint8_t tap, int64_t pixel) {
             const float* v = b.data() + pixel * c;
             for (int64_t ch = 0; ch < c; ++ch) {
-              const bool more = v[ch] > best[ch];
+              // A NaN is a maximum, the first one kept, as XLA's max keeps NaNs.
+              const bool more = !(v[ch] <= best[ch]) && best[ch] == best[ch];
               best[ch] = more ? v[ch] : best[ch];
               at[ch] = more ? tap : at[ch];
             }
@@ -252,12 +408,19 @@ void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T
         for (int64_t px = 0; px < p.h * p.w; ++px)
           lrn.Backward(xn + px * c, g.data() + px * c, dxn + px * c);
       } else {
-        for (int64_t i = 0; i < image; ++i) dxn[i] = xn[i] > 0.0f ? g[i] : 0.0f;
+        for (int64_t i = 0; i < image; i += Lanes::kWidth) {
+          const auto m = Lanes::Mask(image - i);
+          const auto xi = Lanes::Load(xn + i, m);
+          Lanes::StoreOnce(dxn + i, Lanes::IfPositive(xi, Lanes::Load(g.data() + i, m)), m);
+        }
       }
       if constexpr (!kFloat) {
         for (int64_t i = 0; i < image; ++i) dxs[n * image + i] = Narrow<T>(dxn[i]);
       }
     }
+#ifdef __AVX512F__
+    _mm_sfence();
+#endif
   }
 }
 
@@ -321,6 +484,9 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
 }
 
 }  // namespace
+
+// How many float32 lanes the LRN's loops use (16 with AVX-512, else 1).
+extern "C" int alexnet_relu_lrn_pool_lanes() { return static_cast<int>(Lanes::kWidth); }
 
 #define ALEXNET_POOL_ATTRS   \
   .Attr<int64_t>("size")     \
