@@ -71,9 +71,10 @@ struct AlignedAllocator {
 // keeps a NaN x, as XLA's ReLU does. InvPow075 returns d ** -0.75 and sets
 // recip = 1 / d, for d > 0. Shift<k>(p), p the start of a vector in a buffer
 // padded by a vector on each side, is the vector k lanes further on (|k| < 16):
-// shifted in registers, since an unaligned load of values just stored
-// waits for the stores to reach the cache. StoreOnce writes values that will
-// not be read again soon (streaming when the vector is whole and aligned).
+// shifted in registers, since an unaligned load of values just stored cannot
+// be forwarded from the pending stores and waits for them. StoreOnce writes
+// values that will not be read again soon (streaming when the vector is whole
+// and aligned).
 #ifdef __AVX512F__
 struct Lanes {
   using V = __m512;
