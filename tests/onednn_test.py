@@ -2,6 +2,7 @@
 
 import logging
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -292,31 +293,34 @@ def test_fused_relu_lrn_pool_passes_a_nan_on_as_xla_does():
 def test_fused_relu_lrn_pool_portable_loops_match_xla(tmp_path):
   """The kernel built without AVX-512 (as on CPUs that lack it) agrees too."""
   script = textwrap.dedent('''
-      import jax, jax.numpy as jnp, numpy as np
+      import sys
+      import jax, numpy as np
       from alexnet_jax import models, onednn
       assert onednn.fused_lanes() == 1, onednn.fused_lanes()
-      lrn = dict(size=5, k=2.0, scale=1e-4, beta=0.75)
+      out = {}
       for c, towers, size in ((96, 2, 5), (20, 1, 4)):
-        lrn['size'] = size
+        lrn = dict(size=size, k=2.0, scale=1e-4, beta=0.75)
         x = jax.random.normal(jax.random.key(0), (2, 13, 13, c)) * 3
-        def ref(x):
+        def xla(x):
           y = models.local_response_norm(jax.nn.relu(x), size=size, towers=towers)
           return models.max_pool(y, 3, 2)
         fused = lambda x: onednn.relu_lrn_pool(x, window=3, stride=2, lrn=lrn, towers=towers)
-        for f in (ref, fused):
+        for name, f in (('xla', xla), ('fused', fused)):
           y, vjp = jax.vjp(f, x)
-          print(repr((np.asarray(y).tolist(), np.asarray(vjp(y)[0]).tolist())))
+          out[f'{name}_y_{c}'], out[f'{name}_dx_{c}'] = y, vjp(y)[0]
+      np.savez(sys.argv[1], **out)
   ''')
   env = dict(os.environ, ALEXNET_BUILD_DIR=str(tmp_path), CXXFLAGS='-mno-avx512f',
              JAX_PLATFORMS='cpu')
-  out = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
-                       text=True, check=False, timeout=600)
-  assert out.returncode == 0, out.stderr[-3000:]
-  lines = out.stdout.splitlines()
-  assert len(lines) == 4
-  for want, got in (lines[0:2], lines[2:4]):
-    for w, g in zip(eval(want), eval(got)):  # pylint: disable=eval-used
-      w, g = np.asarray(w), np.asarray(g)
-      np.testing.assert_allclose(g, w, rtol=0, atol=1e-6 * np.max(np.abs(w)))
-  if 'avx512f' in open('/proc/cpuinfo').read():
+  results = tmp_path / 'results.npz'
+  proc = subprocess.run([sys.executable, '-c', script, str(results)], env=env,
+                        capture_output=True, text=True, check=False, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  got = np.load(results)
+  for c in (96, 20):
+    for part in ('y', 'dx'):
+      want = got[f'xla_{part}_{c}']
+      np.testing.assert_allclose(got[f'fused_{part}_{c}'], want, rtol=0,
+                                 atol=1e-6 * np.max(np.abs(want)), err_msg=f'{part}, C={c}')
+  if 'avx512f' in pathlib.Path('/proc/cpuinfo').read_text():
     assert onednn.fused_lanes() == 16  # and the default build uses AVX-512
