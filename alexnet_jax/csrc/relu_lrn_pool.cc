@@ -7,8 +7,9 @@
 // Each image is read once per direction and its normalised maps stay in a
 // per-thread buffer, where XLA runs the three operations as several loops
 // over whole arrays and keeps the LRN's intermediates for the backward pass.
-// dx, which the convolution's gradients read only later, is written around
-// the caches (streaming stores) when its vectors are aligned.
+// In float32, dx, which the convolution's gradients read only later, is
+// written around the caches (streaming stores) when its vectors are aligned;
+// in bfloat16 it goes to a per-thread buffer that is rounded at once.
 //
 // LRN (models.local_response_norm): b_c = a_c / (k + scale * S_c) ** beta,
 // S_c = sum of a_j^2 over j in [c - size / 2, c + (size - 1) / 2] within c's
@@ -72,9 +73,9 @@ struct AlignedAllocator {
 // recip = 1 / d, for d > 0. Shift<k>(p), p the start of a vector in a buffer
 // padded by a vector on each side, is the vector k lanes further on (|k| < 16):
 // shifted in registers, since an unaligned load of values just stored cannot
-// be forwarded from the pending stores and waits for them. StoreOnce writes
-// values that will not be read again soon (streaming when the vector is whole
-// and aligned).
+// be forwarded from the pending stores and waits for them. StoreAs<true>
+// writes values that will not be read again soon (streaming when the vector is
+// whole and aligned), StoreAs<false> as Store.
 #ifdef __AVX512F__
 struct Lanes {
   using V = __m512;
@@ -92,6 +93,8 @@ struct Lanes {
     if (m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
     else _mm512_mask_storeu_ps(p, m, v);
   }
+  template <bool kOnce>
+  static void StoreAs(float* p, V v, M m) { kOnce ? StoreOnce(p, v, m) : Store(p, v, m); }
   template <int k>
   static V Shift(const float* p) {
     static_assert(k > -16 && k < 16, "LRN windows reach at most 15 channels");
@@ -147,7 +150,8 @@ struct Lanes {
   static V LoadAt(const float* p) { return *p; }
   static V LoadAnywhere(const float* p) { return *p; }
   static void StoreAt(float* p, V v) { *p = v; }
-  static void StoreOnce(float* p, V v, M) { *p = v; }
+  template <bool kOnce>
+  static void StoreAs(float* p, V v, M) { *p = v; }
   template <int k>
   static V Shift(const float* p) { return p[k]; }
   static V Set(float v) { return v; }
@@ -197,6 +201,8 @@ class Lrn {
 
   // dx from x and g, the gradient of the LRN's output:
   // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c, u_c = g_c r_c inv_c / d_c.
+  // kOnce: dx is not read again soon.
+  template <bool kOnce>
   void Backward(const float* x, const float* g, float* dx) {
     const V two_beta_scale = L::Set(2.0f * p_.beta * p_.scale);
     for (int64_t o = 0; o < p_.c; o += per_) {
@@ -212,7 +218,7 @@ class Lrn {
         // u_c for c in [i - hi, i + lo]: the channels whose windows hold i.
         const V s = kTaps ? Sum<-(kTaps - 1) / 2, kTaps / 2>(At(u_, j)) : Sum(At(u_, j), -hi_, lo_);
         const V dr = L::NegMulAdd(L::Mul(two_beta_scale, r), s, L::LoadAt(At(ginv_, j)));
-        L::StoreOnce(dx + o + j * kW, L::IfPositive(xj, dr), m);
+        L::template StoreAs<kOnce>(dx + o + j * kW, L::IfPositive(xj, dr), m);
       }
     }
   }
@@ -407,12 +413,12 @@ void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T
       }
       if (p.size) {
         for (int64_t px = 0; px < p.h * p.w; ++px)
-          lrn.Backward(xn + px * c, g.data() + px * c, dxn + px * c);
+          lrn.template Backward<kFloat>(xn + px * c, g.data() + px * c, dxn + px * c);
       } else {
         for (int64_t i = 0; i < image; i += Lanes::kWidth) {
           const auto m = Lanes::Mask(image - i);
           const auto xi = Lanes::Load(xn + i, m);
-          Lanes::StoreOnce(dxn + i, Lanes::IfPositive(xi, Lanes::Load(g.data() + i, m)), m);
+          Lanes::StoreAs<kFloat>(dxn + i, Lanes::IfPositive(xi, Lanes::Load(g.data() + i, m)), m);
         }
       }
       if constexpr (!kFloat) {
