@@ -8,6 +8,8 @@ not exist) is an error rather than a silently ignored setting.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
+import os
 import sys
 
 import ml_collections
@@ -126,6 +128,17 @@ def base_config() -> ml_collections.ConfigDict:
   c.max_train_steps = 0        # > 0 stops early (tests, smoke runs)
   c.max_eval_batches = 0       # > 0 evaluates a prefix only (tests); results say so
   return c
+
+
+def load_file(path: str) -> ml_collections.ConfigDict:
+  """`get_config()` of a config file such as configs/paper.py."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f'No config file {path}: pass one of configs/*.py')
+  name = 'config_' + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:

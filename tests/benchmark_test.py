@@ -339,3 +339,66 @@ def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_
       assert r['vs_torch_time'][fw] == pytest.approx(
           r['total_seconds'][fw] / r['total_seconds']['torch'])
   assert conv_layers.format_row(conv1).count('|') == conv_layers.TABLE_HEADER.splitlines()[0].count('|')
+
+
+def _two_tower_small():
+  config = tiny_single_tower_config()
+  config.model.towers = 2
+  config.model.conv1_padding = 0
+  config.model.pool_padding = 'VALID'
+  config.dataset.image_size = 71
+  return config
+
+
+def test_tower_comparison_interleaves_both_networks_and_reports_per_flop(monkeypatch):
+  configs = {'two': _two_tower_small(), 'one': tiny_single_tower_config()}
+  for c in configs.values():
+    c.global_batch_size = 4
+  flops = {k: train_step.train_flops_per_image(c) for k, c in configs.items()}
+  assert flops['two'] != flops['one']
+  calls = []
+
+  def fake_runner(config, batch_size):
+    name = 'two' if config.model.towers == 2 else 'one'
+    return (lambda n: calls.append((name, n))), {'compile_sec': 0.5}
+
+  # Each timing returns images/s from a fixed list of seconds per step.
+  seconds = {'two': [2.0, 1.0, 4.0], 'one': [1.0, 2.0, 2.0]}
+  def fake_rate(fn, n, reps=3):
+    fn()
+    name = calls[-1][0]
+    return n / seconds[name].pop(0)
+
+  monkeypatch.setattr(train_step, '_jax_runner', fake_runner)
+  monkeypatch.setattr(train_step, '_median_rate', fake_rate)
+  monkeypatch.setattr(train_step.time, 'sleep', lambda s: None)
+  r = train_step.compare_towers(configs, reps=3, steps=2, warmup=1)
+  # Warm-up, then both networks once per repetition, in alternating order.
+  assert calls == [('two', 1), ('one', 1), ('two', 2), ('one', 2), ('one', 2), ('two', 2),
+                   ('two', 2), ('one', 2)]
+  per_sec = {'two': [8 / 2.0 * flops['two'], 8 / 1.0 * flops['two'], 8 / 4.0 * flops['two']],
+             'one': [8 / 1.0 * flops['one'], 8 / 2.0 * flops['one'], 8 / 2.0 * flops['one']]}
+  for name in configs:
+    assert r['samples_flops_per_sec'][name] == pytest.approx(per_sec[name])
+  assert r['flops_per_sec']['two'] == pytest.approx(4 * flops['two'])   # median of 8, 4, 2
+  assert r['flops_per_sec']['one'] == pytest.approx(4 * flops['one'])
+  assert r['images_per_sec'] == pytest.approx({'two': 4.0, 'one': 4.0})
+  assert r['ratio'] == pytest.approx(flops['two'] / flops['one'])
+  pairs = [a / b for a, b in zip(per_sec['two'], per_sec['one'])]
+  assert r['ratio_pairs']['each'] == pytest.approx(pairs)
+  assert r['ratio_pairs']['median'] == pytest.approx(sorted(pairs)[1])
+  assert list(r['target'].values()) == [flops['two'] >= flops['one']]
+  with pytest.raises(ValueError, match='two configs'):
+    train_step.compare_towers({'two': configs['two']}, reps=1, steps=1, warmup=1)
+
+
+def test_tower_comparison_runs_the_real_steps(tmp_path):
+  configs = {'two': _two_tower_small(), 'one': tiny_single_tower_config()}
+  for c in configs.values():
+    c.global_batch_size = 4
+  r = train_step.compare_towers(configs, reps=2, steps=1, warmup=1)
+  for name in configs:
+    assert len(r['samples_flops_per_sec'][name]) == 2
+    assert r['flops_per_sec'][name] > 0 and r['compile_sec'][name] > 0
+    assert r['setup']['convolutions'][name] == 'onednn'
+  assert r['ratio'] == pytest.approx(r['flops_per_sec']['two'] / r['flops_per_sec']['one'])

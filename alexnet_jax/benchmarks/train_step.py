@@ -21,11 +21,18 @@ faster of a JAX and a PyTorch n x n GEMM timed in the same run (fp32, and
 bf16 for --config.dtype=bfloat16); memory (see `_memory`); for Fashion-MNIST
 and ImageNet the train time per epoch that the step rate gives.
 
---suite runs every case of SUITE (with --reps=5, about 4 minutes on 2 cores)
-in its own process (a clean memory high-water
-mark each), writes their JSON files beside --out and a table to stdout and
-`train_step_suite.json`. Targets: jax >= 1.0x torch images/s in every fp32
-case; the two-tower model no slower per FLOP than the single-tower one.
+  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--reps=9 --steps=2]
+
+--towers_at=B times, instead, the JAX steps of configs/paper.py (two towers)
+and configs/single_tower.py at global batch B, interleaved in one process
+(`compare_towers`), and reports their achieved FLOP/s and its ratio.
+
+--suite runs every case of SUITE (with --reps=5) and then --towers_at for
+batches 64 and 128, each in its own process (a clean memory high-water mark
+each; about 7 minutes on 2 cores), writes their JSON files beside --out and a
+table to stdout and `train_step_suite.json`. Targets: jax >= 1.0x torch
+images/s in every fp32 case; the two-tower model no slower per FLOP than the
+single-tower one, judged on the interleaved figures.
 """
 
 from __future__ import annotations
@@ -73,6 +80,9 @@ flags.DEFINE_enum('torch_lrn', 'fast', ['fast', 'module'],
                   'PyTorch LRN: models.py\'s algorithm or nn.LocalResponseNorm.')
 flags.DEFINE_bool('torch_channels_last', True, 'PyTorch NHWC memory format.')
 flags.DEFINE_bool('suite', False, 'Run every case of SUITE, one process each.')
+flags.DEFINE_integer('towers_at', 0, 'Instead of JAX against PyTorch: the two-tower '
+                     '(configs/paper.py) and single-tower JAX steps, interleaved in one '
+                     'process, at this global batch size.')
 
 # (config file, global batch, dtype, steps per repetition): the README's table.
 SUITE = (
@@ -84,6 +94,10 @@ SUITE = (
     ('paper', 64, 'bfloat16', 1),
     ('single_tower', 64, 'bfloat16', 1),
 )
+# The per-FLOP target's two networks, timed by `compare_towers`.
+TOWER_CONFIGS = ('paper', 'single_tower')
+TOWERS_REPS = 9     # repetitions of `compare_towers` in the suite
+TOWERS_STEPS = 2    # steps per repetition and network
 TRAIN_EXAMPLES = {'fashion_mnist': 60_000, 'imagenet2012': 1_281_167}
 MIB = 2.0 ** 20
 
@@ -352,6 +366,75 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
   return result
 
 
+def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict:
+  """Achieved FLOP/s of two networks' JAX steps, interleaved in one process.
+
+  `configs` maps two names to configs, the two-tower network first. The suite's
+  per-FLOP ratio from separate processes moves with this machine's drift
+  between them (+-2-5%); here every repetition times one network right after
+  the other (in alternating order) so that both see the same machine, and the
+  ratio of each such pair is reported beside the ratio of the medians.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
+  if len(configs) != 2:
+    raise ValueError(f'compare_towers takes two configs, got {list(configs)}')
+  runs, info, flops = {}, {}, {}
+  for name, config in configs.items():
+    config_lib.validate(config, 1)
+    runs[name], info[name] = _jax_runner(config, config.global_batch_size)
+    runs[name](max(warmup, 1))
+    flops[name] = train_flops_per_image(config)
+  names = list(configs)
+  samples = {name: [] for name in names}  # FLOP/s
+  for rep in range(reps):
+    for name in (names if rep % 2 == 0 else names[::-1]):
+      time.sleep(0.2)
+      batch = configs[name].global_batch_size
+      samples[name].append(
+          _median_rate(lambda n=name: runs[n](steps), steps * batch, 1) * flops[name])
+  rates = {k: statistics.median(v) for k, v in samples.items()}
+  pairs = [a / b for a, b in zip(samples[names[0]], samples[names[1]])]
+  return {
+      'names': names,
+      'batch': {k: c.global_batch_size for k, c in configs.items()},
+      'train_flops_per_image': flops,
+      'flops_per_sec': rates,
+      'images_per_sec': {k: r / flops[k] for k, r in rates.items()},
+      'ratio': rates[names[0]] / rates[names[1]],
+      'ratio_pairs': {'median': statistics.median(pairs), 'min': min(pairs),
+                      'max': max(pairs), 'each': pairs},
+      'samples_flops_per_sec': samples,
+      'compile_sec': {k: v['compile_sec'] for k, v in info.items()},
+      'target': {f'{names[0]} no slower per FLOP than {names[1]}':
+                 rates[names[0]] >= rates[names[1]]},
+      'setup': {'reps': reps, 'steps_per_rep': steps, 'warmup': warmup,
+                'xla_flags': os.environ.get('XLA_FLAGS', ''),
+                'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
+                'convolutions': {n: onednn.record(c.conv_impl, c.dtype)['convolutions']
+                                 for n, c in configs.items()}},
+      'versions': {'jax': jax.__version__},
+      'machine': {'cpus': os.cpu_count(), 'processor': _processor(),
+                  'loadavg_after': _loadavg()},
+  }
+
+
+def compare_towers_and_write(batch: int, out: str, **options) -> dict:
+  """`compare_towers` for TOWER_CONFIGS at `batch`, printed and written to `out`."""
+  configs = {}
+  for name in TOWER_CONFIGS:
+    configs[name] = config_lib.load_file(os.path.join(_REPO, 'configs', name + '.py'))
+    configs[name].global_batch_size = batch
+  result = compare_towers(configs, **options)
+  a, b = result['names']
+  fl, p = result['flops_per_sec'], result['ratio_pairs']
+  print(f'batch {batch}: {a} {fl[a] / 1e9:.0f} GFLOP/s, {b} {fl[b] / 1e9:.0f} GFLOP/s, '
+        f'ratio {result["ratio"]:.3f} (target >= 1.0); per interleaved pair '
+        f'{p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f}')
+  benchmarks.write_json(result, out)
+  return result
+
+
 def benchmark_and_write(config, name: str, out: str, **options) -> dict:
   """`run_benchmark`, a summary on stdout, and the JSON file `out`."""
   result = run_benchmark(config, **options)
@@ -413,6 +496,16 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
     subprocess.run(cmd, check=True, cwd=_REPO)
     with open(path) as f:
       results.append(json.load(f))
+  towers = {}
+  for batch in sorted({b for n, b, _, _ in SUITE if n in TOWER_CONFIGS}):
+    path = os.path.join(out_dir, f'train_step_towers_b{batch}.json')
+    cmd = [sys.executable, '-m', 'alexnet_jax.benchmarks.train_step',
+           f'--towers_at={batch}', f'--reps={TOWERS_REPS}', f'--steps={TOWERS_STEPS}',
+           f'--out={path}'] + [a for a in extra_args if a.startswith('--warmup')]
+    print('$', ' '.join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=_REPO)
+    with open(path) as f:
+      towers[f'b{batch}'] = json.load(f)
   table = [TABLE_HEADER] + [format_row(r) for r in results]
   by_case = {(r['name'], r['batch'], r['dtype']): r for r in results}
   per_flop = {}
@@ -421,21 +514,30 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
     if two and one:
       per_flop[f'b{batch}'] = (two['achieved_flops_per_sec']['jax']
                                / one['achieved_flops_per_sec']['jax'])
+  interleaved = {k: t['ratio'] for k, t in towers.items()}
   summary = {
       'table_markdown': '\n'.join(table),
       'two_tower_vs_single_tower_flops_per_sec': per_flop,
+      'two_tower_vs_single_tower_flops_per_sec_interleaved': interleaved,
       'targets': {
           'jax >= 1.0x torch, every fp32 case': all(
               r['jax_vs_torch'] >= 1.0 for r in results if r['dtype'] == 'float32'),
-          'two towers no slower per FLOP than one': all(v >= 1.0 for v in per_flop.values()),
+          'two towers no slower per FLOP than one (interleaved)': all(
+              v >= 1.0 for v in interleaved.values()),
       },
       'results': results,
+      'towers': towers,
   }
   path = os.path.join(out_dir, 'train_step_suite.json')
   with open(path, 'w') as f:
     json.dump(summary, f, indent=2)
   print(summary['table_markdown'])
-  print('two-tower / single-tower FLOP/s:', {k: round(v, 2) for k, v in per_flop.items()})
+  print('two-tower / single-tower FLOP/s, separate processes:',
+        {k: round(v, 3) for k, v in per_flop.items()})
+  for k, t in towers.items():
+    p = t['ratio_pairs']
+    print(f'two-tower / single-tower FLOP/s, interleaved in one process, {k}: '
+          f'{t["ratio"]:.3f} (pairs {p["min"]:.3f}-{p["max"]:.3f})')
   print('targets:', summary['targets'])
   print(f'Wrote {path}')
   return summary
@@ -451,6 +553,10 @@ def main(argv):
              f'--torch_lrn={f.torch_lrn}',
              f'--torch_channels_last={f.torch_channels_last}']
     run_suite(f.out, extra)
+    return
+  if f.towers_at:
+    out = f.out or os.path.join('benchmarks_out', f'train_step_towers_b{f.towers_at}.json')
+    compare_towers_and_write(f.towers_at, out, reps=f.reps, steps=f.steps, warmup=f.warmup)
     return
   config = f.config
   if config is None:
