@@ -200,7 +200,7 @@ def max_pool(x_BHWC: jax.Array, window: int, stride: int,
   return _max_pool_valid(x_BHWC, window, stride)
 
 
-def _sum_to_last_axis(g: jax.Array) -> jax.Array:
+def sum_to_last_axis(g: jax.Array) -> jax.Array:
   """Sums every axis but the last, in float32, one leading axis at a time.
 
   XLA CPU turns a sum over (B, H, W) into a tree of reduce-windows that
@@ -225,7 +225,7 @@ def _add_bias_fwd(y, bias):
 
 
 def _add_bias_bwd(bias_dtype_carrier, g):
-  return g, _sum_to_last_axis(g).astype(bias_dtype_carrier.dtype)
+  return g, sum_to_last_axis(g).astype(bias_dtype_carrier.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
@@ -295,7 +295,8 @@ class TowerConv(nn.Module):
   list holds depends on where the convolutions run:
   - oneDNN (the CPU default): one array with all towers. oneDNN's grouped
     convolutions are as fast as separate ones, and every ReLU, LRN and pool
-    is then one loop over both towers, as in the single-tower network.
+    is then one loop over both towers, as in the single-tower network. The
+    bias is added by the convolution's own kernels.
   - XLA: one array per tower, each convolved on its own. XLA's grouped
     convolutions are several times slower than separate ones, and towers
     kept as separate arrays, as the two GPUs of the paper keep them, are
@@ -337,7 +338,9 @@ class TowerConv(nn.Module):
                              impl=self.conv_impl)
     join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
     if uses_onednn(self.conv_impl, self.dtype):
-      return [add_bias(conv(join(xs).astype(self.dtype), kernel, groups=groups), bias)]
+      # The bias is added by the convolution's kernels (`onednn.conv_nhwc`).
+      return [onednn.conv_nhwc(join(xs).astype(self.dtype), kernel, self.stride, pad,
+                               groups, bias=bias.astype(self.dtype))]
     if self.grouped:
       if len(xs) == 1:
         xs = jnp.split(xs[0], towers, axis=-1)

@@ -43,8 +43,8 @@ import numpy as np
 SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
                 for f in ('onednn_conv.cc', 'relu_lrn_pool.cc'))
 HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
-TARGETS = ('onednn_conv_fwd', 'onednn_conv_bwd_data', 'onednn_conv_bwd_weights',
-           'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd')
+TARGETS = ('onednn_conv_fwd', 'onednn_conv_fwd_bias', 'onednn_conv_bwd_data',
+           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
                 "--config.conv_impl=xla to use XLA's own convolutions")
@@ -193,23 +193,26 @@ def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], .
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _call(target, result_shape, dtype, a, b, stride, pads, groups):
+def _call(target, result_shapes, dtype, operands, stride, pads, groups):
   (pt, pb), (pl, pr) = pads
+  results = [jax.ShapeDtypeStruct(s, dtype) for s in result_shapes]
   return jax.ffi.ffi_call(
-      f'alexnet_onednn_conv_{target}', jax.ShapeDtypeStruct(result_shape, dtype),
+      f'alexnet_onednn_conv_{target}', results if len(results) > 1 else results[0],
       vmap_method='sequential')(
-          a, b, stride_h=np.int64(stride), stride_w=np.int64(stride),
+          *operands, stride_h=np.int64(stride), stride_w=np.int64(stride),
           pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
           pad_right=np.int64(pr), groups=np.int64(groups))
 
 
-def _forward(x, w, stride, pads, groups):
-  """The forward convolution's custom call, with its output shape."""
+def _forward(x, w, stride, pads, groups, bias=None):
+  """The forward convolution's custom call (adding `bias` if given)."""
   n, h, wd, _ = x.shape
   kh, kw, _, o = w.shape
   (pt, pb), (pl, pr) = pads
   shape = (n, (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1, o)
-  return _call('fwd', shape, x.dtype, x, w, stride, pads, groups)
+  if bias is None:
+    return _call('fwd', [shape], x.dtype, (x, w), stride, pads, groups)
+  return _call('fwd_bias', [shape], x.dtype, (x, w, bias), stride, pads, groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -242,37 +245,70 @@ def _input_grad(dy, w, x_shape, stride, pads, groups):
   turned = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
   if stride == 1 and min(min(p) for p in turned) >= 0:
     return _forward(dy, _transposed_kernel(w, groups), 1, turned, groups)
-  return _call('bwd_data', x_shape, dy.dtype, dy, w, stride, pads, groups)
+  return _call('bwd_data', [x_shape], dy.dtype, (dy, w), stride, pads, groups)
 
 
 def _conv_bwd(stride, pads, groups, res, dy):
   x, w = res
   dx = _input_grad(dy, w, x.shape, stride, pads, groups)
-  dw = _call('bwd_weights', w.shape, w.dtype, x, dy, stride, pads, groups)
+  dw = _call('bwd_weights', [w.shape], w.dtype, (x, dy), stride, pads, groups)
   return dx, dw
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
-              groups: int = 1) -> jax.Array:
-  """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only).
+# With a bias, added by the forward call's kernels (a separate pass would read
+# and write y once more). Its gradient, the sum of dy over N, H and W, is XLA's
+# (`models.sum_to_last_axis`): oneDNN 2.6 computes it inside the kernel
+# gradient's call, but slower (conv1's kernel gradient at batch 64 took 43
+# against 35 ms with it), and the whole step was 1.5% slower.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _conv_bias(x, w, b, stride, pads, groups):
+  return _forward(x, w, stride, pads, groups, b)
 
-  x and kernel must share a dtype, float32 or bfloat16; padding is 'SAME',
-  'VALID' or ((top, bottom), (left, right)); `groups` is XLA's
-  `feature_group_count` (the kernel's I axis holds C / groups channels).
+
+def _conv_bias_fwd(x, w, b, stride, pads, groups):
+  return _forward(x, w, stride, pads, groups, b), (x, w, b)
+
+
+def _conv_bias_bwd(stride, pads, groups, res, dy):
+  x, w, b = res
+  from alexnet_jax import models  # pylint: disable=g-import-not-at-top  # imports this module
+  dx = _input_grad(dy, w, x.shape, stride, pads, groups)
+  dw = _call('bwd_weights', [w.shape], w.dtype, (x, dy), stride, pads, groups)
+  return dx, dw, models.sum_to_last_axis(dy).astype(b.dtype)
+
+
+_conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
+              groups: int = 1, bias: jax.Array | None = None) -> jax.Array:
+  """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only), plus `bias`.
+
+  x, kernel and bias (one value per output channel, optional) must share a
+  dtype, float32 or bfloat16; padding is 'SAME', 'VALID' or ((top, bottom),
+  (left, right)); `groups` is XLA's `feature_group_count` (the kernel's I axis
+  holds C / groups channels).
   """
   load()
-  if x.dtype != kernel.dtype or x.dtype not in (np.float32, jax.numpy.bfloat16):
+  if (x.dtype != kernel.dtype or x.dtype not in (np.float32, jax.numpy.bfloat16)
+      or (bias is not None and bias.dtype != x.dtype)):
     raise TypeError(f'oneDNN convolution takes float32 or bfloat16 operands of one '
-                    f'dtype, got {x.dtype} and {kernel.dtype}')
+                    f'dtype, got {x.dtype} and {kernel.dtype}'
+                    + ('' if bias is None else f' and {bias.dtype}'))
+  if bias is not None and bias.shape != kernel.shape[3:]:
+    raise ValueError(f'the bias has shape {bias.shape}; the kernel has '
+                     f'{kernel.shape[3]} output channels')
   if x.shape[-1] != kernel.shape[2] * groups or kernel.shape[3] % groups:
     raise ValueError(f'input has {x.shape[-1]} channels and the kernel {kernel.shape[2]} '
                      f'inputs and {kernel.shape[3]} outputs per group: they do not '
                      f'make {groups} groups')
   pads = explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
-  return _conv(x, kernel, int(stride), pads, int(groups))
+  if bias is None:
+    return _conv(x, kernel, int(stride), pads, int(groups))
+  return _conv_bias(x, kernel, bias, int(stride), pads, int(groups))
 
 
 def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:

@@ -28,6 +28,15 @@ def _values_and_grads(conv, x, w, stride, padding, dy, groups=1):
   return (y,) + vjp(dy)
 
 
+def _values_and_grads_with_bias(x, w, b, stride, padding, dy, groups, impl):
+  if impl == 'onednn':
+    f = lambda x, w, b: onednn.conv_nhwc(x, w, stride, padding, groups, bias=b)  # noqa: E731
+  else:
+    f = lambda x, w, b: _xla_conv(x, w, stride, padding, groups) + b  # noqa: E731
+  y, vjp = jax.vjp(f, x, w, b)
+  return (y,) + vjp(dy)
+
+
 # (input NHWC, kernel HWIO, stride, padding, groups): the layers of the three
 # networks, shrunk in batch and channels, and the cases with rows the stride
 # leaves over. The kernel's I axis holds C / groups channels.
@@ -64,16 +73,46 @@ def test_float32_values_and_both_gradients_match_xla(x_shape, w_shape, stride, p
     np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * scale, err_msg=name)
 
 
+@pytest.mark.parametrize('x_shape,w_shape,stride,padding,groups', GEOMETRIES)
+def test_bias_added_by_the_forward_call_matches_xla_with_all_gradients(
+    x_shape, w_shape, stride, padding, groups):
+  kx, kw, kb, kd = jax.random.split(jax.random.key(10), 4)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))
+  b = jax.random.normal(kb, w_shape[3:]) + 1.0  # the paper's biases of 1, and more
+  y_shape = jax.eval_shape(lambda: _xla_conv(x, w, stride, padding, groups)).shape
+  dy = jax.random.normal(kd, y_shape)
+  got, want = [jax.jit(lambda x, w, b, impl=impl: _values_and_grads_with_bias(
+      x, w, b, stride, padding, dy, groups, impl))(x, w, b) for impl in ('onednn', 'xla')]
+  for name, g, r in zip(('y', 'dx', 'dw', 'db'), got, want):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    scale = float(jnp.max(jnp.abs(r)))
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * scale, err_msg=name)
+  # The bias is added by the forward call, not by XLA after it.
+  hlo = jax.jit(lambda x, w, b: onednn.conv_nhwc(x, w, stride, padding, groups, bias=b)
+                ).lower(x, w, b).as_text()
+  assert hlo.count('alexnet_onednn_conv_fwd_bias') == 1 and 'stablehlo.add' not in hlo
+
+
+def test_a_bias_of_another_shape_or_dtype_is_refused():
+  x, w = jnp.zeros((1, 5, 5, 4)), jnp.zeros((3, 3, 4, 6))
+  with pytest.raises(ValueError, match='6 output channels'):
+    onednn.conv_nhwc(x, w, 1, 'SAME', bias=jnp.zeros((4,)))
+  with pytest.raises(TypeError, match='bfloat16'):
+    onednn.conv_nhwc(x, w, 1, 'SAME', bias=jnp.zeros((6,), jnp.bfloat16))
+
+
 @pytest.mark.parametrize('groups', [1, 2])
 def test_bfloat16_matches_float32_on_the_same_rounded_inputs(groups):
   kx, kw, kd = jax.random.split(jax.random.key(1), 3)
   x = jax.random.normal(kx, (4, 13, 13, 32)).astype(jnp.bfloat16)
   w = (jax.random.normal(kw, (3, 3, 32 // groups, 16)) / 17).astype(jnp.bfloat16)
   dy = jax.random.normal(kd, (4, 13, 13, 16)).astype(jnp.bfloat16)
-  got = _values_and_grads(onednn.conv_nhwc, x, w, 1, 'SAME', dy, groups)
+  b = (jax.random.normal(kd, (16,)) + 1).astype(jnp.bfloat16)
+  got = _values_and_grads_with_bias(x, w, b, 1, 'SAME', dy, groups, 'onednn')
   f32 = lambda a: a.astype(jnp.float32)  # noqa: E731
-  want = _values_and_grads(_xla_conv, f32(x), f32(w), 1, 'SAME', f32(dy), groups)
-  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+  want = _values_and_grads_with_bias(f32(x), f32(w), f32(b), 1, 'SAME', f32(dy), groups, 'xla')
+  for name, g, r in zip(('y', 'dx', 'dw', 'db'), got, want):
     assert g.dtype == jnp.bfloat16, name
     scale = float(jnp.max(jnp.abs(r)))
     # bfloat16 keeps 8 bits: its outputs are the float32 sums rounded once
@@ -123,9 +162,10 @@ def test_model_gradients_match_between_oneDNN_and_xla():
   model = models.create_model(config.model, 10, conv_impl='onednn')
   params = model.init(jax.random.key(0), images, train=False)['params']
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
-  # One call per layer, both towers of conv2, 4 and 5 in one grouped call;
-  # ReLU, LRN and pool fused after conv1 and conv2, ReLU and pool after conv5.
-  assert hlo.count('alexnet_onednn_conv_fwd') == 5 and hlo.count('groups = 2 : i64') == 3
+  # One call per layer, with its bias, both towers of conv2, 4 and 5 in one
+  # grouped call; ReLU, LRN and pool fused after conv1 and conv2, ReLU and
+  # pool after conv5.
+  assert hlo.count('alexnet_onednn_conv_fwd_bias') == 5 and hlo.count('groups = 2 : i64') == 3
   assert hlo.count('alexnet_relu_lrn_pool_fwd') == 3 and hlo.count('size = 5 : i64') == 2
   model = models.create_model(config.model, 10, conv_impl='xla')
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()

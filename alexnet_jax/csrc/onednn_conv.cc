@@ -5,6 +5,9 @@
 // feature groups (group g: input channels [g C/G, (g+1) C/G), output channels
 // [g O/G, (g+1) O/G), the kernel's I axis holding C/G channels):
 //   alexnet_onednn_conv_fwd          y  = conv(x, w)
+//   alexnet_onednn_conv_fwd_bias     y  = conv(x, w) + b, the bias added by
+//                                    oneDNN's kernels (a separate pass would
+//                                    read and write y once more)
 //   alexnet_onednn_conv_bwd_data     dx = conv_transpose(dy, w)
 //   alexnet_onednn_conv_bwd_weights  dw = correlation of x and dy
 // oneDNN picks its own blocked kernel layout; kernels are reordered to and
@@ -40,12 +43,14 @@ namespace {
 
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
-// kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r, groups
-using Key = std::array<int64_t, 18>;
+// kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r, groups,
+// bias
+using Key = std::array<int64_t, 19>;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow;
   int64_t sh, sw, pt, pb, pl, pr, groups;
+  bool bias = false;  // the forward pass adds b
 };
 
 dnnl::engine& Engine() {
@@ -56,6 +61,7 @@ dnnl::engine& Engine() {
 struct Entry {
   dnnl::primitive conv;
   dnnl::memory::desc user_src, user_wei, user_dst;  // NHWC / HWIO views
+  dnnl::memory::desc bias;                           // (O,) if Geometry::bias
   dnnl::memory::desc prim_wei;                       // oneDNN's kernel layout
   std::optional<dnnl::reorder> wei_reorder;          // HWIO <-> prim_wei
   std::string impl;
@@ -89,12 +95,14 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
                                memory::dims{og, 1, g.o, g.kw * ig * g.o, ig * g.o});
   }
   memory::desc wei_any(wei_dims, dt, tag::any);
+  if (g.bias) e->bias = memory::desc({g.o}, dt, tag::a);
   auto& eng = Engine();
   dnnl::primitive_attr attr;
   attr.set_scratchpad_mode(dnnl::scratchpad_mode::library);
+  // A zero bias descriptor leaves the bias out.
   dnnl::convolution_forward::desc fwd_d(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
-      e->user_src, wei_any, e->user_dst, strides, pad_l, pad_r);
+      e->user_src, wei_any, e->bias, e->user_dst, strides, pad_l, pad_r);
   dnnl::convolution_forward::primitive_desc fwd_pd(fwd_d, attr, eng);
   // Kernels are reordered from HWIO before the forward pass and the input
   // gradient, and the kernel gradient back to HWIO after it.
@@ -128,7 +136,7 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
 std::shared_ptr<Entry> Lookup(Kind kind, dnnl::memory::data_type dt,
                               const Geometry& g) {
   Key key = {kind, static_cast<int64_t>(dt), g.n, g.h, g.w, g.c, g.kh, g.kw,
-             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, g.groups};
+             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, g.groups, g.bias};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
@@ -146,13 +154,16 @@ std::optional<dnnl::memory::data_type> DnnlType(ffi::DataType t) {
   }
 }
 
-// a: NHWC activations (x or dy), b: the other operand, out: the result.
+// a: NHWC activations (x or dy), b: the other operand, out: the result;
+// bias: the forward pass's b, if any.
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
-               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
+               ffi::Result<ffi::AnyBuffer> out, std::optional<ffi::AnyBuffer> bias,
+               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
+               int64_t pr, int64_t groups) {
   auto dt = DnnlType(a.element_type());
   if (!dt || b.element_type() != a.element_type() ||
-      out->element_type() != a.element_type())
+      out->element_type() != a.element_type() ||
+      (bias && bias->element_type() != a.element_type()))
     return ffi::Error::InvalidArgument(
         "onednn conv: operands must all be float32 or all bfloat16");
   if (a.dimensions().size() != 4 || b.dimensions().size() != 4 ||
@@ -169,8 +180,11 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
   }
   g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr;
   g.groups = groups;
+  g.bias = bias.has_value();
   if (groups < 1 || g.c % groups || g.o % groups)
     return ffi::Error::InvalidArgument("onednn conv: channels do not split into groups");
+  if (bias && (bias->dimensions().size() != 1 || bias->dimensions()[0] != g.o))
+    return ffi::Error::InvalidArgument("onednn conv: the bias must have one value per output channel");
   try {
     auto e = Lookup(kind, *dt, g);
     std::lock_guard<std::mutex> running(alexnet::ExecMutex());
@@ -188,7 +202,11 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
         pw = memory(e->prim_wei, eng);
         e->wei_reorder->execute(s, wei, pw);
       }
-      if (kind == kFwd)
+      if (kind == kFwd && bias)
+        e->conv.execute(s, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, pw},
+                            {DNNL_ARG_BIAS, memory(e->bias, eng, bias->untyped_data())},
+                            {DNNL_ARG_DST, res}});
+      else if (kind == kFwd)
         e->conv.execute(s, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, pw},
                             {DNNL_ARG_DST, res}});
       else
@@ -211,11 +229,8 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
   return ffi::Error::Success();
 }
 
-#define ALEXNET_BIND                                                        \
-  ffi::Ffi::Bind()                                                          \
-      .Arg<ffi::AnyBuffer>()                                                \
-      .Arg<ffi::AnyBuffer>()                                                \
-      .Ret<ffi::AnyBuffer>()                                                \
+#define ALEXNET_BIND(ARGS_AND_RETS)                                         \
+  ffi::Ffi::Bind() ARGS_AND_RETS                                            \
       .Attr<int64_t>("stride_h")                                            \
       .Attr<int64_t>("stride_w")                                            \
       .Attr<int64_t>("pad_top")                                             \
@@ -224,29 +239,40 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
       .Attr<int64_t>("pad_right")                                           \
       .Attr<int64_t>("groups")
 
+#define ALEXNET_ATTRS                                                       \
+  int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,   \
+      int64_t groups
+
 ffi::Error Fwd(ffi::AnyBuffer a, ffi::AnyBuffer b,
-               ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  return Run(kFwd, a, b, out, sh, sw, pt, pb, pl, pr, groups);
+               ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
+  return Run(kFwd, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
+}
+ffi::Error FwdBias(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer bias,
+                   ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
+  return Run(kFwd, a, b, out, bias, sh, sw, pt, pb, pl, pr, groups);
 }
 ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b,
-                   ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-                   int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  return Run(kBwdData, a, b, out, sh, sw, pt, pb, pl, pr, groups);
+                   ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
+  return Run(kBwdData, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b,
-                      ffi::Result<ffi::AnyBuffer> out, int64_t sh, int64_t sw,
-                      int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t groups) {
-  return Run(kBwdWeights, a, b, out, sh, sw, pt, pb, pl, pr, groups);
+                      ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
+  return Run(kBwdWeights, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_fwd, Fwd, ALEXNET_BIND);
+#define ALEXNET_2_TO_1 .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
+XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_fwd, Fwd, ALEXNET_BIND(ALEXNET_2_TO_1));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    alexnet_onednn_conv_fwd_bias, FwdBias,
+    ALEXNET_BIND(.Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>()
+                     .Ret<ffi::AnyBuffer>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_bwd_data, BwdData,
-                              ALEXNET_BIND);
+                              ALEXNET_BIND(ALEXNET_2_TO_1));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_bwd_weights, BwdWeights,
-                              ALEXNET_BIND);
+                              ALEXNET_BIND(ALEXNET_2_TO_1));
+
 
 // The implementation oneDNN chose for each cached primitive, for benchmarks.
 extern "C" int alexnet_onednn_describe(char* buf, int size) {
@@ -256,7 +282,8 @@ extern "C" int alexnet_onednn_describe(char* buf, int size) {
     s += std::to_string(k[0]) + " " + std::to_string(k[5]) + "->" +
          std::to_string(k[8]) + " " + std::to_string(k[6]) + "x" +
          std::to_string(k[7]) +
-         (k[17] > 1 ? " groups=" + std::to_string(k[17]) : "") + ": " +
+         (k[17] > 1 ? " groups=" + std::to_string(k[17]) : "") +
+         (k[18] ? " bias" : "") + ": " +
          e->impl + "\n";
   }
   int n = static_cast<int>(s.size());
