@@ -193,11 +193,10 @@ def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], .
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _call(target, result_shapes, dtype, operands, stride, pads, groups):
+def _call(target, result_shape, dtype, operands, stride, pads, groups):
   (pt, pb), (pl, pr) = pads
-  results = [jax.ShapeDtypeStruct(s, dtype) for s in result_shapes]
   return jax.ffi.ffi_call(
-      f'alexnet_onednn_conv_{target}', results if len(results) > 1 else results[0],
+      f'alexnet_onednn_conv_{target}', jax.ShapeDtypeStruct(result_shape, dtype),
       vmap_method='sequential')(
           *operands, stride_h=np.int64(stride), stride_w=np.int64(stride),
           pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
@@ -211,8 +210,8 @@ def _forward(x, w, stride, pads, groups, bias=None):
   (pt, pb), (pl, pr) = pads
   shape = (n, (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1, o)
   if bias is None:
-    return _call('fwd', [shape], x.dtype, (x, w), stride, pads, groups)
-  return _call('fwd_bias', [shape], x.dtype, (x, w, bias), stride, pads, groups)
+    return _call('fwd', shape, x.dtype, (x, w), stride, pads, groups)
+  return _call('fwd_bias', shape, x.dtype, (x, w, bias), stride, pads, groups)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -245,13 +244,13 @@ def _input_grad(dy, w, x_shape, stride, pads, groups):
   turned = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
   if stride == 1 and min(min(p) for p in turned) >= 0:
     return _forward(dy, _transposed_kernel(w, groups), 1, turned, groups)
-  return _call('bwd_data', [x_shape], dy.dtype, (dy, w), stride, pads, groups)
+  return _call('bwd_data', x_shape, dy.dtype, (dy, w), stride, pads, groups)
 
 
 def _conv_bwd(stride, pads, groups, res, dy):
   x, w = res
   dx = _input_grad(dy, w, x.shape, stride, pads, groups)
-  dw = _call('bwd_weights', [w.shape], w.dtype, (x, dy), stride, pads, groups)
+  dw = _call('bwd_weights', w.shape, w.dtype, (x, dy), stride, pads, groups)
   return dx, dw
 
 
@@ -276,7 +275,7 @@ def _conv_bias_bwd(stride, pads, groups, res, dy):
   x, w, b = res
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top  # imports this module
   dx = _input_grad(dy, w, x.shape, stride, pads, groups)
-  dw = _call('bwd_weights', [w.shape], w.dtype, (x, dy), stride, pads, groups)
+  dw = _call('bwd_weights', w.shape, w.dtype, (x, dy), stride, pads, groups)
   return dx, dw, models.sum_to_last_axis(dy).astype(b.dtype)
 
 

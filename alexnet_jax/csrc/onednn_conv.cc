@@ -262,6 +262,7 @@ ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b,
 
 }  // namespace
 
+// (a, b) -> out; the forward pass with a bias takes (x, w, b).
 #define ALEXNET_2_TO_1 .Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_onednn_conv_fwd, Fwd, ALEXNET_BIND(ALEXNET_2_TO_1));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
