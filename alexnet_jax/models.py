@@ -269,17 +269,21 @@ def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
   return reason is None
 
 
-def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto', groups: int = 1):
-  """A convolution in the NHWC / HWIO layout used throughout.
+def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto', groups: int = 1,
+              bias: jax.Array | None = None):
+  """A convolution in the NHWC / HWIO layout used throughout, plus `bias`.
 
-  On the CPU it runs on oneDNN's kernels (`onednn.conv_nhwc`) unless `impl` is
-  'xla'; see `uses_onednn`. `groups` is XLA's `feature_group_count`.
+  On the CPU it runs on oneDNN's kernels (`onednn.conv_nhwc`, which add the
+  bias themselves) unless `impl` is 'xla'; see `uses_onednn`. `groups` is
+  XLA's `feature_group_count`.
   """
   if uses_onednn(impl, x.dtype):
-    return onednn.conv_nhwc(x, kernel, stride, padding, groups)
-  return jax.lax.conv_general_dilated(
+    return onednn.conv_nhwc(x, kernel, stride, padding, groups,
+                            bias=None if bias is None else bias.astype(x.dtype))
+  y = jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
+  return y if bias is None else add_bias(y, bias)
 
 
 class TowerConv(nn.Module):
@@ -338,9 +342,7 @@ class TowerConv(nn.Module):
                              impl=self.conv_impl)
     join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
     if uses_onednn(self.conv_impl, self.dtype):
-      # The bias is added by the convolution's kernels (`onednn.conv_nhwc`).
-      return [onednn.conv_nhwc(join(xs).astype(self.dtype), kernel, self.stride, pad,
-                               groups, bias=bias.astype(self.dtype))]
+      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias)]
     if self.grouped:
       if len(xs) == 1:
         xs = jnp.split(xs[0], towers, axis=-1)

@@ -274,8 +274,7 @@ def _conv_bias_fwd(x, w, b, stride, pads, groups):
 def _conv_bias_bwd(stride, pads, groups, res, dy):
   x, w, b = res
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top  # imports this module
-  dx = _input_grad(dy, w, x.shape, stride, pads, groups)
-  dw = _call('bwd_weights', w.shape, w.dtype, (x, dy), stride, pads, groups)
+  dx, dw = _conv_bwd(stride, pads, groups, (x, w), dy)
   return dx, dw, models.sum_to_last_axis(dy).astype(b.dtype)
 
 

@@ -219,9 +219,8 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     pad = k // 2 if padding is None else padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
-    y = models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad,
-                         model.conv_impl)
-    return models.add_bias(y, p[name]['bias'])
+    return models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad,
+                            model.conv_impl, bias=p[name]['bias'])
 
   # A tower's maps are exactly one normalisation block of the canonical
   # network, whose windows never cross towers.

@@ -486,27 +486,25 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
   """Every SUITE case in its own process; returns the combined results."""
   out_dir = os.path.dirname(os.path.abspath(out)) if out else os.path.abspath('benchmarks_out')
   os.makedirs(out_dir, exist_ok=True)
-  results = []
-  for name, batch, dtype, steps in SUITE:
-    path = os.path.join(out_dir, f'train_step_{name}_b{batch}_{dtype}.json')
-    cmd = [sys.executable, '-m', 'alexnet_jax.benchmarks.train_step',
-           f'--config={os.path.join(_REPO, "configs", name + ".py")}',
+
+  def run(path, args):  # this module in a process of its own; its JSON
+    cmd = [sys.executable, '-m', 'alexnet_jax.benchmarks.train_step', *args, f'--out={path}']
+    print('$', ' '.join(cmd[1:]), flush=True)
+    subprocess.run(cmd, check=True, cwd=_REPO)
+    with open(path) as f:
+      return json.load(f)
+
+  results = [
+      run(os.path.join(out_dir, f'train_step_{name}_b{batch}_{dtype}.json'),
+          [f'--config={os.path.join(_REPO, "configs", name + ".py")}',
            f'--config.global_batch_size={batch}', f'--config.dtype={dtype}',
-           f'--steps={steps}', f'--out={path}'] + extra_args
-    print('$', ' '.join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=_REPO)
-    with open(path) as f:
-      results.append(json.load(f))
-  towers = {}
-  for batch in sorted({b for n, b, _, _ in SUITE if n in TOWER_CONFIGS}):
-    path = os.path.join(out_dir, f'train_step_towers_b{batch}.json')
-    cmd = [sys.executable, '-m', 'alexnet_jax.benchmarks.train_step',
-           f'--towers_at={batch}', f'--reps={TOWERS_REPS}', f'--steps={TOWERS_STEPS}',
-           f'--warmup={TOWERS_WARMUP}', f'--out={path}']
-    print('$', ' '.join(cmd[1:]), flush=True)
-    subprocess.run(cmd, check=True, cwd=_REPO)
-    with open(path) as f:
-      towers[f'b{batch}'] = json.load(f)
+           f'--steps={steps}'] + extra_args)
+      for name, batch, dtype, steps in SUITE]
+  towers = {
+      f'b{batch}': run(os.path.join(out_dir, f'train_step_towers_b{batch}.json'),
+                       [f'--towers_at={batch}', f'--reps={TOWERS_REPS}',
+                        f'--steps={TOWERS_STEPS}', f'--warmup={TOWERS_WARMUP}'])
+      for batch in sorted({b for n, b, _, _ in SUITE if n in TOWER_CONFIGS})}
   table = [TABLE_HEADER] + [format_row(r) for r in results]
   by_case = {(r['name'], r['batch'], r['dtype']): r for r in results}
   per_flop = {}
