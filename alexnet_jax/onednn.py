@@ -4,13 +4,14 @@ XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
 on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
 kernels, and what limits the step now"), and ReLU, LRN and max pooling as
 several loops over whole arrays. This module compiles `csrc/onednn_conv.cc`
-(against the system's oneDNN, Debian's `libdnnl-dev`) and
-`csrc/relu_lrn_pool.cc` into one library the first time it is needed,
+(against the system's oneDNN, Debian's `libdnnl-dev`),
+`csrc/relu_lrn_pool.cc` and `csrc/after_all.cc` into one library the first time it is needed,
 registers their handlers with XLA, and exposes
   conv_nhwc      a convolution in the NHWC / HWIO layout, with feature groups,
                  whose forward pass and both gradients are oneDNN primitives;
   relu_lrn_pool  max_pool(local_response_norm(relu(x))) in one pass per
-                 direction.
+                 direction;
+  after_all      a tree whose readers wait for all of it.
 
 `models` uses them when `config.conv_impl` is 'onednn', or 'auto' (the
 default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
@@ -41,10 +42,10 @@ import jax
 import numpy as np
 
 SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
-                for f in ('onednn_conv.cc', 'relu_lrn_pool.cc'))
+                for f in ('onednn_conv.cc', 'relu_lrn_pool.cc', 'after_all.cc'))
 HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
 TARGETS = ('onednn_conv_fwd', 'onednn_conv_fwd_bias', 'onednn_conv_bwd_data',
-           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd')
+           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd', 'after_all')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
                 "--config.conv_impl=xla to use XLA's own convolutions")
@@ -185,6 +186,23 @@ def record(impl: str, dtype) -> dict:
     return {'conv_impl': impl, 'convolutions': 'xla', 'onednn_missing': unavailable_reason()}
   return {'conv_impl': impl, 'convolutions': 'onednn', 'onednn_version': version(),
           'onednn_primitives': describe().splitlines()}
+
+
+def after_all(tree):
+  """`tree`, each leaf plus a 0 that XLA computes only after every leaf (CPU).
+
+  Whatever reads the result waits until the whole tree is computed. The one-device
+  train step applies it to the gradients, where a multi-device step has its
+  all-reduce: XLA CPU otherwise starts each parameter's update as soon as its
+  gradient is ready, its loops take a core from the oneDNN convolutions of the
+  rest of the backward pass, and oneDNN's statically partitioned kernels wait
+  for the slowed thread. (`lax.optimization_barrier` is dropped by XLA CPU.)
+  Adding 0 leaves every value as it is, but for -0.0, which becomes 0.0.
+  """
+  load()
+  leaves, treedef = jax.tree.flatten(tree)
+  zero = jax.ffi.ffi_call('alexnet_after_all', jax.ShapeDtypeStruct((), np.float32))(*leaves)
+  return treedef.unflatten([a + zero.astype(a.dtype) for a in leaves])
 
 
 def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:

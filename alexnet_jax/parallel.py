@@ -278,7 +278,8 @@ def tower_grads(tower_params, batch, *, model: models.AlexNet, layout: Layout,
     return loss / layout.towers, (loss, logits)
 
   (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tower_params)
-  grads = jax.lax.pmean(grads, train_lib.AXIS, axis_index_groups=layout.replica_groups)
+  grads = train_lib.mean_over_devices(
+      grads, layout.replica_groups, in_order=models.uses_onednn(model.conv_impl, model.dtype))
   return loss, logits, grads
 
 
@@ -300,10 +301,10 @@ def model_parallel_train_step(state, batch, *, model: models.AlexNet, layout: La
                                                 state.params, lr)
   # Every tower of a replica holds the replica's loss and logits, so the mean
   # over all devices is the mean over replicas.
-  metrics = jax.lax.pmean({
+  metrics = train_lib.mean_over_devices({
       'train_loss': loss,
       'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
-  }, axis)
+  })
   metrics['lr'] = lr
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics

@@ -304,3 +304,40 @@ def test_optimizer_step_is_written_in_place_with_the_same_values(name):
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
                  results[False], results[True])
   assert not np.array_equal(results[True][0]['fc']['kernel'], params['fc']['kernel'])
+
+
+@pytest.mark.parametrize('groups', [None, [[0, 2], [1, 3]], [[0], [1], [2], [3]]])
+def test_mean_over_devices_is_pmean_and_reduces_nothing_on_groups_of_one(groups):
+  x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3) ** 2
+  f = jax.pmap(lambda v: train.mean_over_devices({'v': v}, groups)['v'], axis_name=train.AXIS)
+  got = np.asarray(f(x))
+  for members in groups or [[0, 1, 2, 3]]:  # each device: the mean over its group
+    for d in members:
+      np.testing.assert_allclose(got[d], x[members].mean(0), rtol=1e-6)
+  hlo = f.lower(x).compile().as_text()
+  assert ('all-reduce' in hlo) == (groups != [[0], [1], [2], [3]])
+
+
+def test_one_device_train_step_has_no_all_reduce_and_updates_after_all_gradients(tiny_config):
+  model = models.create_model(tiny_config.model, 10)
+  assert models.uses_onednn(model.conv_impl, model.dtype)
+  tx = optim.create_optimizer(tiny_config.optimizer)
+  schedule = optim.create_schedule(tiny_config.schedule, 0.01, 100, 100)
+  state = train.create_train_state(tiny_config, model, tx)
+  size = tiny_config.dataset.image_size
+  batch = {'image': np.zeros((8, size, size, 1), np.float32), 'label': np.zeros(8, np.int32)}
+  leaves = len(jax.tree.leaves(state.params))
+  for n in (1, 2):
+    step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
+                                      schedule=schedule, seed=0),
+                    axis_name=train.AXIS, devices=jax.local_devices()[:n])
+    hlo = step.lower(flax.jax_utils.replicate(state, jax.local_devices()[:n]),
+                     input_pipeline.shard(batch, n)).compile().as_text()
+    # One device: XLA would copy every gradient through an all-reduce of one;
+    # instead one call that takes every gradient orders the updates after them.
+    calls = [line for line in hlo.splitlines() if 'custom_call_target="alexnet_after_all"' in line]
+    assert ('all-reduce' in hlo) == (n > 1), n
+    assert len(calls) == (1 if n == 1 else 0), calls
+    if n == 1:
+      operands = calls[0].split('custom-call(')[1].split(')')[0].split(', ')
+      assert len(operands) == leaves, (len(operands), leaves)
