@@ -11,7 +11,7 @@ registers their handlers with XLA, and exposes
                  whose forward pass and both gradients are oneDNN primitives;
   relu_lrn_pool  max_pool(local_response_norm(relu(x))) in one pass per
                  direction;
-  after_all      a tree whose readers wait for all of it.
+  after_all      a tree whose readers wait for all of it (no data moves).
 
 `models` uses them when `config.conv_impl` is 'onednn', or 'auto' (the
 default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
@@ -189,20 +189,25 @@ def record(impl: str, dtype) -> dict:
 
 
 def after_all(tree):
-  """`tree`, each leaf plus a 0 that XLA computes only after every leaf (CPU).
+  """`tree`, each leaf available only once every leaf is computed (CPU).
 
-  Whatever reads the result waits until the whole tree is computed. The one-device
-  train step applies it to the gradients, where a multi-device step has its
-  all-reduce: XLA CPU otherwise starts each parameter's update as soon as its
-  gradient is ready, its loops take a core from the oneDNN convolutions of the
-  rest of the backward pass, and oneDNN's statically partitioned kernels wait
-  for the slowed thread. (`lax.optimization_barrier` is dropped by XLA CPU.)
-  Adding 0 leaves every value as it is, but for -0.0, which becomes 0.0.
+  One FFI call takes all the leaves and returns them, each result aliased to
+  its operand (no data moves). Whatever reads the result waits for the whole
+  tree, and reads each leaf as it was materialised. The one-device train step
+  applies it to the gradients, where a multi-device step has its all-reduce:
+  XLA CPU otherwise starts each parameter's update as soon as its gradient is
+  ready, its loops take a core from the oneDNN convolutions of the rest of the
+  backward pass, and oneDNN's statically partitioned kernels wait for the
+  slowed thread; in bfloat16 it also fused the transposition and widening of
+  fc6's gradient into the update loops, which then read it column by column.
+  (`lax.optimization_barrier` is dropped by XLA CPU.)
   """
   load()
   leaves, treedef = jax.tree.flatten(tree)
-  zero = jax.ffi.ffi_call('alexnet_after_all', jax.ShapeDtypeStruct((), np.float32))(*leaves)
-  return treedef.unflatten([a + zero.astype(a.dtype) for a in leaves])
+  out = jax.ffi.ffi_call(
+      'alexnet_after_all', [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
+      input_output_aliases={i: i for i in range(len(leaves))})(*leaves)
+  return treedef.unflatten(list(out))
 
 
 def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:

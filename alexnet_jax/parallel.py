@@ -279,7 +279,7 @@ def tower_grads(tower_params, batch, *, model: models.AlexNet, layout: Layout,
 
   (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tower_params)
   grads = train_lib.mean_over_devices(
-      grads, layout.replica_groups, in_order=models.uses_onednn(model.conv_impl, model.dtype))
+      grads, layout.replica_groups, cpu_kernels=models.uses_onednn(model.conv_impl, model.dtype))
   return loss, logits, grads
 
 

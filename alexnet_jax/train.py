@@ -93,34 +93,36 @@ def train_step(state: TrainState, batch, *, model: models.AlexNet,
     return cross_entropy(logits, batch['label']).mean(), logits
 
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  grads = mean_over_devices(grads, in_order=models.uses_onednn(model.conv_impl, model.dtype))
+  cpu_kernels = models.uses_onednn(model.conv_impl, model.dtype)
+  grads = mean_over_devices(grads, cpu_kernels=cpu_kernels)
   lr = schedule(state.step) * state.lr_scale
   params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params, lr)
   metrics = mean_over_devices({
       'train_loss': loss,
       'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
-  })
+  }, cpu_kernels=cpu_kernels)
   metrics['lr'] = lr
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
 
 def mean_over_devices(tree, axis_index_groups: list[list[int]] | None = None, *,
-                      in_order: bool = False):
-  """`lax.pmean(tree, AXIS, axis_index_groups)`; `tree` itself where each group is one device.
+                      cpu_kernels: bool = False):
+  """`lax.pmean(tree, AXIS, axis_index_groups)`, without the all-reduce where it does nothing.
 
-  XLA keeps an all-reduce over a single device, and on the CPU it copies its
-  operands: for AlexNet's gradients 244 MB each step. The all-reduce also made
-  every parameter update wait for the whole backward pass; in_order=True (for
-  gradients on oneDNN's path) keeps that, with `onednn.after_all`, which copies
-  nothing. One device, interleaved in one process (median step against
-  lax.pmean): paper model 635 -> 625 ms at batch 64 and 1,199 -> 1,186 ms at
-  128; single tower 618 -> 601 and 1,170 -> 1,156 ms.
+  cpu_kernels: the step runs on the CPU kernel library (`models.uses_onednn`).
+  Then, where each group is one device, the mean is `onednn.after_all(tree)`:
+  the same values, and the same order as the all-reduce gave the step (nothing
+  reads a leaf before every leaf is computed), without the all-reduce's copy
+  of every operand that XLA CPU keeps even over one device (244 MB of
+  gradients per AlexNet step). Skipping the mean outright was slower: see
+  `onednn.after_all`. One device, interleaved in one process (median step
+  against lax.pmean): see README.md, "What makes it fast".
   """
   size = len(axis_index_groups[0]) if axis_index_groups else jax.lax.axis_size(AXIS)
-  if size > 1:
-    return jax.lax.pmean(tree, AXIS, axis_index_groups=axis_index_groups)
-  return onednn.after_all(tree) if in_order else tree
+  if size == 1 and cpu_kernels:
+    return onednn.after_all(tree)
+  return jax.lax.pmean(tree, AXIS, axis_index_groups=axis_index_groups)
 
 
 def apply_optimizer(tx: optax.GradientTransformationExtraArgs, grads, opt_state,

@@ -131,25 +131,31 @@ def test_repeated_runs_are_bit_identical():
       np.testing.assert_array_equal(a, b)
 
 
-def test_after_all_keeps_the_values_and_makes_every_reader_wait_for_every_leaf():
+def test_after_all_returns_the_tree_and_makes_every_reader_wait_for_every_leaf():
   tree = {'a': jnp.array([1.5, -2.0, np.inf, np.nan, -0.0], jnp.float32),
           'b': (jnp.arange(6, dtype=jnp.bfloat16).reshape(2, 3) - 2,
                 jnp.full((4,), 3.0, jnp.float32))}
-  got = jax.jit(onednn.after_all)(tree)
+  got = jax.jit(onednn.after_all)(jax.tree.map(jnp.copy, tree))
   for g, want in zip(jax.tree.leaves(got), jax.tree.leaves(tree)):
     assert g.dtype == want.dtype and g.shape == want.shape
     np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(want, np.float32))
-  assert not np.signbit(got['a'][4])  # -0.0 + 0 is 0.0, the one change
-  # Each reader of a leaf also reads the call, and the call reads every leaf.
+  assert np.signbit(got['a'][4])  # the same bits: -0.0 stays
+  # One call takes every leaf and returns each in place (aliased: no copy), and
+  # each reader of a leaf reads the call's result.
   hlo = jax.jit(lambda t: jax.tree.map(lambda a: a * 2, onednn.after_all(
       jax.tree.map(lambda a: a + 1, t)))).lower(tree).compile().as_text()
   lines = hlo.splitlines()
   call = [l for l in lines if 'custom_call_target="alexnet_after_all"' in l]
   assert len(call) == 1, call
+  assert call[0].split('custom-call(')[1].split(')')[0].count(', ') == 2  # 3 operands
+  assert 'output_to_operand_aliasing={{0}: (0, {}), {1}: (1, {}), {2}: (2, {})}' in call[0]
   name = call[0].split('=')[0].strip().lstrip('%')
-  assert call[0].split('custom-call(')[1].split(')')[0].count(', ') == 2  # 3 leaves
-  readers = [l for l in lines if f'%{name})' in l or f'%{name},' in l]
+  results = [l.split('=')[0].strip().lstrip('%') for l in lines
+             if f'get-tuple-element(%{name})' in l]
+  assert len(results) == 3, results
+  readers = [l for l in lines if any(f'%{r})' in l or f'%{r},' in l for r in results)]
   assert len(readers) == 3, readers
+  assert ' copy(' not in hlo.split('ENTRY')[1]
 
 
 def test_channels_that_do_not_make_the_groups_are_refused():
