@@ -4,8 +4,8 @@ XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
 on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
 kernels, and what limits the step now"), and ReLU, LRN and max pooling as
 several loops over whole arrays. This module compiles `csrc/onednn_conv.cc`
-(against the system's oneDNN, Debian's `libdnnl-dev`),
-`csrc/relu_lrn_pool.cc` and `csrc/after_all.cc` into one library the first time it is needed,
+(against the system's oneDNN, Debian's `libdnnl-dev`), `csrc/relu_lrn_pool.cc`
+and `csrc/after_all.cc` into one library the first time it is needed,
 registers their handlers with XLA, and exposes
   conv_nhwc      a convolution in the NHWC / HWIO layout, with feature groups,
                  whose forward pass and both gradients are oneDNN primitives;
@@ -204,6 +204,8 @@ def after_all(tree):
   """
   load()
   leaves, treedef = jax.tree.flatten(tree)
+  if not leaves:
+    return tree
   out = jax.ffi.ffi_call(
       'alexnet_after_all', [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
       input_output_aliases={i: i for i in range(len(leaves))})(*leaves)
