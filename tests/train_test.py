@@ -23,7 +23,8 @@ from alexnet_jax import train
 from conftest import REPO
 
 
-def _run_steps(config, batches, num_devices):
+def _pmapped_step(config, num_devices):
+  """(the trainer's pmapped step on the first num_devices devices, its replicated state)."""
   model = models.create_model(config.model, 10)
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 100, 100)
@@ -31,7 +32,11 @@ def _run_steps(config, batches, num_devices):
   step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
                                     schedule=schedule, seed=0),
                   axis_name=train.AXIS, devices=devices)
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, tx), devices)
+  return step, flax.jax_utils.replicate(train.create_train_state(config, model, tx), devices)
+
+
+def _run_steps(config, batches, num_devices):
+  step, state = _pmapped_step(config, num_devices)
   losses = []
   for b in batches:
     state, metrics = step(state, input_pipeline.shard(b, num_devices))
@@ -323,20 +328,13 @@ def test_mean_over_devices_is_pmean_without_all_reduces_of_one(groups, cpu_kerne
 
 
 def test_one_device_train_step_has_no_all_reduce_and_updates_after_all_gradients(tiny_config):
-  model = models.create_model(tiny_config.model, 10)
-  assert models.uses_onednn(model.conv_impl, model.dtype)
-  tx = optim.create_optimizer(tiny_config.optimizer)
-  schedule = optim.create_schedule(tiny_config.schedule, 0.01, 100, 100)
-  state = train.create_train_state(tiny_config, model, tx)
+  assert models.uses_onednn(tiny_config.conv_impl, tiny_config.dtype)
   size = tiny_config.dataset.image_size
   batch = {'image': np.zeros((8, size, size, 1), np.float32), 'label': np.zeros(8, np.int32)}
-  leaves = len(jax.tree.leaves(state.params))
   for n in (1, 2):
-    step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
-                                      schedule=schedule, seed=0),
-                    axis_name=train.AXIS, devices=jax.local_devices()[:n])
-    hlo = step.lower(flax.jax_utils.replicate(state, jax.local_devices()[:n]),
-                     input_pipeline.shard(batch, n)).compile().as_text()
+    step, state = _pmapped_step(tiny_config, n)
+    leaves = len(jax.tree.leaves(state.params))
+    hlo = step.lower(state, input_pipeline.shard(batch, n)).compile().as_text()
     # One device: XLA would copy every gradient through an all-reduce of one;
     # instead one call that takes every gradient orders the updates after them
     # (and one more takes the two metrics).
