@@ -1,17 +1,20 @@
-"""CPU kernels for XLA, as FFI custom calls: oneDNN convolutions, fused ReLU-LRN-pool.
+"""CPU kernels for XLA, as FFI custom calls: oneDNN convolutions, fused ReLU-LRN-pool,
+the one-pass momentum update.
 
 XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
 on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
 kernels, and what limits the step now"), and ReLU, LRN and max pooling as
 several loops over whole arrays. This module compiles `csrc/onednn_conv.cc`
-(against the system's oneDNN, Debian's `libdnnl-dev`), `csrc/relu_lrn_pool.cc`
-and `csrc/after_all.cc` into one library the first time it is needed,
-registers their handlers with XLA, and exposes
+(against the system's oneDNN, Debian's `libdnnl-dev`), `csrc/relu_lrn_pool.cc`,
+`csrc/after_all.cc` and `csrc/momentum.cc` into one library the first time it
+is needed, registers their handlers with XLA, and exposes
   conv_nhwc      a convolution in the NHWC / HWIO layout, with feature groups,
                  whose forward pass and both gradients are oneDNN primitives;
   relu_lrn_pool  max_pool(local_response_norm(relu(x))) in one pass per
                  direction;
-  after_all      a tree whose readers wait for all of it (no data moves).
+  after_all      a tree whose readers wait for all of it (no data moves);
+  momentum_update  the paper's momentum rule, computed and applied in one
+                 pass over each parameter.
 
 `models` uses them when `config.conv_impl` is 'onednn', or 'auto' (the
 default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
@@ -42,10 +45,11 @@ import jax
 import numpy as np
 
 SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
-                for f in ('onednn_conv.cc', 'relu_lrn_pool.cc', 'after_all.cc'))
+                for f in ('onednn_conv.cc', 'relu_lrn_pool.cc', 'after_all.cc', 'momentum.cc'))
 HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
 TARGETS = ('onednn_conv_fwd', 'onednn_conv_fwd_bias', 'onednn_conv_bwd_data',
-           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd', 'after_all')
+           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd', 'after_all',
+           'momentum_update')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
                 "--config.conv_impl=xla to use XLA's own convolutions")
@@ -210,6 +214,35 @@ def after_all(tree):
       'alexnet_after_all', [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in leaves],
       input_output_aliases={i: i for i in range(len(leaves))})(*leaves)
   return treedef.unflatten(list(out))
+
+
+def momentum_update(params, velocity, grads, lr, *, momentum: float, decay,
+                    nesterov: bool = False):
+  """(params', velocity') of `optim.paper_momentum`'s rule, one pass per parameter (CPU).
+
+  delta = lr * (g + wd * w), v' = momentum * v - delta, w' = w + v' (or, with
+  `nesterov`, w + momentum * v' - delta); `decay` is a tree of each
+  parameter's wd, like `params`. One FFI call updates every float32
+  parameter, writing w' and v' over w and v (aliased): each element of w, v
+  and g is read once, where XLA's two loops (v', then w' from v') read the
+  parameters and velocities twice. The values are the same bits (every
+  operation rounded as XLA rounds it). The call takes every gradient, so no
+  parameter is updated before the whole backward pass has ended.
+  """
+  load()
+  leaves, treedef = jax.tree.flatten(params)
+  if not leaves:
+    return params, velocity
+  v_leaves, g_leaves = treedef.flatten_up_to(velocity), treedef.flatten_up_to(grads)
+  wds = np.asarray(treedef.flatten_up_to(decay), np.float32)
+  operands = [jax.numpy.asarray(lr, np.float32)]
+  for w, v, g in zip(leaves, v_leaves, g_leaves):
+    operands += [w, v, g]
+  results = [jax.ShapeDtypeStruct(a.shape, a.dtype) for w in leaves for a in (w, w)]
+  aliases = {1 + 3 * i + k: 2 * i + k for i in range(len(leaves)) for k in (0, 1)}
+  out = jax.ffi.ffi_call('alexnet_momentum_update', results, input_output_aliases=aliases)(
+      *operands, momentum=np.float32(momentum), nesterov=bool(nesterov), decay=wds)
+  return treedef.unflatten(out[0::2]), treedef.unflatten(out[1::2])
 
 
 def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:

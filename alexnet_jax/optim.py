@@ -23,10 +23,31 @@ class PaperMomentumState(NamedTuple):
   velocity: Any
 
 
+class MomentumRule(NamedTuple):
+  """The hyperparameters of `paper_momentum`."""
+  momentum: float
+  weight_decay: float
+  nesterov: bool
+  decay_mask: Callable[[Any], Any] | None
+
+
+class PaperMomentum(optax.GradientTransformationExtraArgs):
+  """`paper_momentum`'s transformation. Its `rule` lets `train.apply_optimizer`
+  compute the update and apply it in one pass over each parameter on the
+  CPU kernels (`onednn.momentum_update`), with the same values."""
+  rule: MomentumRule
+
+
+def decay_rates(rule: MomentumRule, params) -> Any:
+  """Each parameter's weight decay under `rule` (0 where the mask says no)."""
+  mask = (rule.decay_mask(params) if rule.decay_mask is not None
+          else jax.tree.map(lambda _: True, params))
+  return jax.tree.map(lambda m: rule.weight_decay if m else 0.0, mask)
+
+
 def paper_momentum(momentum: float = 0.9, weight_decay: float = 5e-4,
                    nesterov: bool = False,
-                   decay_mask: Callable[[Any], Any] | None = None
-                   ) -> optax.GradientTransformationExtraArgs:
+                   decay_mask: Callable[[Any], Any] | None = None) -> PaperMomentum:
   """The update rule of section 5; `update(..., learning_rate=lr)` returns `v`.
 
   Args:
@@ -37,6 +58,7 @@ def paper_momentum(momentum: float = 0.9, weight_decay: float = 5e-4,
     decay_mask: params -> pytree of bools; leaves marked False get no weight
       decay (by default all leaves are decayed).
   """
+  rule = MomentumRule(momentum, weight_decay, nesterov, decay_mask)
 
   def init_fn(params):
     return PaperMomentumState(jax.tree.map(jnp.zeros_like, params))
@@ -45,8 +67,6 @@ def paper_momentum(momentum: float = 0.9, weight_decay: float = 5e-4,
     del unused
     if params is None:
       raise ValueError('paper_momentum needs params for weight decay')
-    mask = (decay_mask(params) if decay_mask is not None
-            else jax.tree.map(lambda _: True, params))
 
     # delta = lr * (g + wd w), divided by a 1 that XLA cannot see as a
     # constant (1 + 0 * lr: XLA keeps 0 * lr, which is NaN for an infinite
@@ -59,19 +79,20 @@ def paper_momentum(momentum: float = 0.9, weight_decay: float = 5e-4,
     lr = jnp.asarray(learning_rate, jnp.float32)
     one = 1.0 + 0.0 * lr
 
-    def step(v, g, w, m):
-      wd = weight_decay if m else 0.0
+    def step(v, g, w, wd):
       delta = lr * (g + wd * w) / one
       v_new = momentum * v - delta
       update = momentum * v_new - delta if nesterov else v_new
       return v_new.astype(v.dtype), update.astype(w.dtype)
 
-    out = jax.tree.map(step, state.velocity, grads, params, mask)
+    out = jax.tree.map(step, state.velocity, grads, params, decay_rates(rule, params))
     velocity = jax.tree.map(lambda o: o[0], out, is_leaf=lambda o: isinstance(o, tuple))
     updates = jax.tree.map(lambda o: o[1], out, is_leaf=lambda o: isinstance(o, tuple))
     return updates, PaperMomentumState(velocity)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  tx = PaperMomentum(init_fn, update_fn)
+  tx.rule = rule
+  return tx
 
 
 def kernels_only(params):

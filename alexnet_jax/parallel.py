@@ -297,8 +297,9 @@ def model_parallel_train_step(state, batch, *, model: models.AlexNet, layout: La
   loss, logits, grads = tower_grads(state.params, batch, model=model, layout=layout,
                                     rng=rng)
   lr = schedule(state.step) * state.lr_scale
-  params, opt_state = train_lib.apply_optimizer(tx, grads, state.opt_state,
-                                                state.params, lr)
+  params, opt_state = train_lib.apply_optimizer(
+      tx, grads, state.opt_state, state.params, lr,
+      cpu_kernels=models.uses_onednn(model.conv_impl, model.dtype))
   # Every tower of a replica holds the replica's loss and logits, so the mean
   # over all devices is the mean over replicas.
   metrics = train_lib.mean_over_devices({

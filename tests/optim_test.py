@@ -1,10 +1,12 @@
-"""The paper's update rule against three steps computed by hand."""
+"""The paper's update rule: three steps computed by hand, and its one-pass CPU kernel."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
+from alexnet_jax import onednn
 from alexnet_jax import optim
 
 
@@ -99,3 +101,46 @@ def test_one_cycle_schedule_peaks_at_base_lr():
   np.testing.assert_allclose(fn(0), 0.1, rtol=1e-6)
   np.testing.assert_allclose(fn(20), 1.0, rtol=1e-6)
   np.testing.assert_allclose(fn(100), 0.01, rtol=1e-5)
+
+
+@pytest.mark.parametrize('nesterov', [False, True])
+def test_one_pass_cpu_kernel_is_the_rule_bit_for_bit(nesterov):
+  """`onednn.momentum_update` against the optax rule plus `apply_updates`, jitted."""
+  rs = np.random.RandomState(1)
+  shapes = {'conv': {'kernel': (5, 5, 3, 7), 'bias': (7,)}, 'fc': {'kernel': (33, 1000)},
+            'one': {'kernel': (1,)}}
+  make = lambda scale: jax.tree.map(lambda s: (rs.randn(*s) * scale).astype(np.float32),
+                                    shapes, is_leaf=lambda s: isinstance(s, tuple))
+  params, velocity, grads = make(0.05), make(0.01), make(1.0)
+  grads['fc']['kernel'][0, :4] = [np.inf, -np.inf, np.nan, -0.0]
+  tx = optim.paper_momentum(0.9, 5e-4, nesterov=nesterov, decay_mask=optim.kernels_only)
+  lr = np.float32(0.0137)
+
+  @jax.jit
+  def rule(params, velocity, grads):
+    updates, state = tx.update(grads, optim.PaperMomentumState(velocity), params,
+                               learning_rate=lr)
+    return optax.apply_updates(params, updates), state.velocity
+
+  @jax.jit
+  def kernel(params, velocity, grads):
+    return onednn.momentum_update(params, velocity, grads, lr, momentum=0.9,
+                                  decay=optim.decay_rates(tx.rule, params), nesterov=nesterov)
+
+  want = rule(params, velocity, grads)
+  got = kernel(params, velocity, grads)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  assert not np.array_equal(got[0]['fc']['kernel'], params['fc']['kernel'])
+  # The biases are not decayed: with a zero gradient and velocity they stay.
+  zeros = jax.tree.map(np.zeros_like, params)
+  w, v = kernel(params, zeros, zeros)
+  np.testing.assert_array_equal(w['conv']['bias'], params['conv']['bias'])
+  assert np.all(np.abs(w['conv']['kernel']) < np.abs(params['conv']['kernel']))
+
+
+def test_decay_rates_follow_the_mask():
+  tx = optim.paper_momentum(0.9, 0.25, decay_mask=optim.kernels_only)
+  params = {'conv': {'kernel': 1, 'bias': 1}, 'fc': {'kernel': 1}}
+  assert optim.decay_rates(tx.rule, params) == {
+      'conv': {'kernel': 0.25, 'bias': 0.0}, 'fc': {'kernel': 0.25}}
+  assert optim.decay_rates(optim.paper_momentum(0.9, 0.25).rule, params)['conv']['bias'] == 0.25

@@ -268,47 +268,63 @@ def test_plateau_rule_unit():
   assert p.reductions == 1 and p.best == 0.2
 
 
-def _pmapped_update(tx, in_place):
+def _pmapped_update(tx, in_place, cpu_kernels=False):
   """The optimiser step alone, pmapped over one device as in the train step."""
   def step(grads, params, opt_state):  # donated in the order they are returned
     lr = jnp.float32(0.0137)
     if in_place:
-      return train.apply_optimizer(tx, grads, opt_state, params, lr)
+      return train.apply_optimizer(tx, grads, opt_state, params, lr, cpu_kernels=cpu_kernels)
     updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
     return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
   return jax.pmap(step, axis_name=train.AXIS, devices=jax.local_devices()[:1],
                   donate_argnums=(1, 2))
 
 
+@pytest.mark.parametrize('nesterov', [False, True])
 @pytest.mark.parametrize('name', ['paper_momentum', 'adamw'])
-def test_optimizer_step_is_written_in_place_with_the_same_values(name):
+def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov):
   rs = np.random.RandomState(0)
-  shapes = {'conv': {'kernel': (3, 3, 4, 8), 'bias': (8,)}, 'fc': {'kernel': (256, 128)}}
+  shapes = {'conv': {'kernel': (3, 3, 4, 8), 'bias': (8,)}, 'fc': {'kernel': (256, 131)}}
   make = lambda: jax.tree.map(lambda s: rs.randn(1, *s).astype(np.float32), shapes,
                               is_leaf=lambda s: isinstance(s, tuple))
   params, grads = make(), make()
   config = config_lib.base_config().optimizer
   config.name = name
+  config.nesterov = nesterov
   tx = optim.create_optimizer(config)
   opt_state = jax.pmap(tx.init, devices=jax.local_devices()[:1])(params)
   # A first step so that the velocity (or Adam's moments) is not zero.
   opt_state = _pmapped_update(tx, False)(grads, params, opt_state)[1]
-  results, copies = {}, {}
-  for in_place in (False, True):
-    step = _pmapped_update(tx, in_place)
-    copies[in_place] = step.lower(grads, params, opt_state).compile().as_text().count(' copy(')
+  results, hlos = {}, {}
+  variants = {'optax': (False, False), 'in_place': (True, False), 'cpu_kernels': (True, True)}
+  for variant, (in_place, cpu_kernels) in variants.items():
+    step = _pmapped_update(tx, in_place, cpu_kernels)
+    hlos[variant] = step.lower(grads, params, opt_state).compile().as_text()
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its inputs
-    results[in_place] = step(grads, copy(params), copy(opt_state))
+    results[variant] = step(grads, copy(params), copy(opt_state))
+  copies = {k: h.count(' copy(') for k, h in hlos.items()}
   # Without the leading-axis views XLA copies buffers (for the paper's rule,
   # every parameter and velocity); with them it copies none.
-  assert copies[False] >= (2 * len(jax.tree.leaves(params)) if name == 'paper_momentum' else 1), copies
-  assert copies[True] == 0, copies
+  assert copies['optax'] >= (2 * len(jax.tree.leaves(params)) if name == 'paper_momentum' else 1), copies
+  assert copies['in_place'] == copies['cpu_kernels'] == 0, copies
+  # On the CPU kernels the paper's rule is one call that writes every
+  # parameter and velocity over its operand; other optimisers stay XLA's.
+  calls = [l for l in hlos['cpu_kernels'].splitlines() if 'alexnet_momentum_update' in l]
+  leaves = len(jax.tree.leaves(params))
+  if name == 'paper_momentum':
+    assert len(calls) == 1, calls
+    assert calls[0].split('custom-call(')[1].split(')')[0].count(', ') == 3 * leaves  # lr, (w, v, g)s
+    assert calls[0].count('}: (') == 2 * leaves  # w', v' aliased
+  else:
+    assert not calls
   if name == 'paper_momentum':  # the same values bit for bit
-    jax.tree.map(np.testing.assert_array_equal, results[False], results[True])
+    for variant in ('in_place', 'cpu_kernels'):
+      jax.tree.map(np.testing.assert_array_equal, results['optax'], results[variant])
   else:  # Adam's division and square root are fused differently: 1-ulp changes
-    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
-                 results[False], results[True])
-  assert not np.array_equal(results[True][0]['fc']['kernel'], params['fc']['kernel'])
+    for variant in ('in_place', 'cpu_kernels'):
+      jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                   results['optax'], results[variant])
+  assert not np.array_equal(results['cpu_kernels'][0]['fc']['kernel'], params['fc']['kernel'])
 
 
 @pytest.mark.parametrize('cpu_kernels', [False, True])
@@ -342,3 +358,8 @@ def test_one_device_train_step_has_no_all_reduce_and_updates_after_all_gradients
     assert ('all-reduce' in hlo) == (n > 1), n
     operands = sorted(len(c.split('custom-call(')[1].split(')')[0].split(', ')) for c in calls)
     assert operands == ([2, leaves] if n == 1 else []), (operands, leaves)
+    # Either way, one call updates every parameter and velocity in one pass.
+    updates = [line for line in hlo.splitlines()
+               if 'custom_call_target="alexnet_momentum_update"' in line]
+    assert len(updates) == 1, updates
+    assert updates[0].split('custom-call(')[1].split(')')[0].count(', ') == 3 * leaves
