@@ -2,8 +2,8 @@
 the one-pass momentum update.
 
 XLA CPU runs convolutions with Eigen's kernels, 1.3-1.8x slower than oneDNN's
-on AlexNet's layers and 2-7x on the demo network's (README, "The convolution
-kernels, and what limits the step now"), and ReLU, LRN and max pooling as
+on AlexNet's layers and 2-7x on the demo network's (docs/performance.md, "The convolution
+kernels, and what limits the step"), and ReLU, LRN and max pooling as
 several loops over whole arrays. This module compiles `csrc/onednn_conv.cc`
 (against the system's oneDNN, Debian's `libdnnl-dev`), `csrc/relu_lrn_pool.cc`,
 `csrc/after_all.cc` and `csrc/momentum.cc` into one library the first time it

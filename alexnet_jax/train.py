@@ -118,7 +118,7 @@ def mean_over_devices(tree, axis_index_groups: list[list[int]] | None = None, *,
   of every operand that XLA CPU keeps even over one device (244 MB of
   gradients per AlexNet step). Skipping the mean outright was slower: see
   `onednn.after_all`. One device, interleaved in one process (median step
-  against lax.pmean): see README.md, "What makes it fast".
+  against lax.pmean): see docs/performance.md, "What makes it fast".
   """
   size = len(axis_index_groups[0]) if axis_index_groups else jax.lax.axis_size(AXIS)
   if size == 1 and cpu_kernels:
