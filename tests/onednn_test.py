@@ -329,6 +329,28 @@ def test_fused_relu_lrn_pool_in_bfloat16_matches_the_xla_composition(lrn):
                              atol=2e-2 * float(np.max(np.abs(f32(want[1])))))
 
 
+def test_fused_relu_pool_bfloat16_gradient_is_the_float32_sum_rounded_once():
+  """Rounding to nearest even, ties included, bit for bit.
+
+  Sums of two to four bfloat16 gradients are exact in float32 and often need
+  a ninth significant bit, so many land halfway between two bfloat16 values.
+  """
+  kx, kg = jax.random.split(jax.random.key(11))
+  x = (jax.random.normal(kx, (3, 27, 27, 40)) * 3).astype(jnp.bfloat16)
+  dy = jax.random.normal(kg, (3, 13, 13, 40)).astype(jnp.bfloat16)
+  dy = dy.at[0, 0, 0, :3].set(jnp.array([jnp.inf, -jnp.inf, 2.0 ** -130], jnp.bfloat16))
+  fused = lambda x: onednn.relu_lrn_pool(x, window=3, stride=2, towers=2)  # noqa: E731
+  got = jax.vjp(fused, x)[1](dy)[0]
+  # The same windows in float32 (the bfloat16 maxima are the float32 ones).
+  xla = lambda x: _xla_relu_lrn_pool(x, None, 2, 3, 2, 'VALID')  # noqa: E731
+  want = jax.vjp(xla, x.astype(jnp.float32))[1](dy.astype(jnp.float32))[0]
+  sums = np.asarray(want)
+  halfway = (sums.view(np.uint32) & 0xffff) == 0x8000
+  assert halfway.sum() > 100  # ties to even are exercised
+  np.testing.assert_array_equal(np.asarray(got).view(np.uint16),
+                                np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
+
+
 def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():
   with pytest.raises(TypeError, match='NHWC float32 or bfloat16'):
     onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4), jnp.float16), window=3, stride=2)

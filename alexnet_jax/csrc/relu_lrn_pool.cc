@@ -4,12 +4,17 @@
 //   alexnet_relu_lrn_pool_fwd  x -> (y, arg)   arg: the window tap (row-major,
 //                                               uint8) each maximum came from
 //   alexnet_relu_lrn_pool_bwd  (x, arg, dy) -> dx
-// Each image is read once per direction and its normalised maps stay in a
-// per-thread buffer, where XLA runs the three operations as several loops
-// over whole arrays and keeps the LRN's intermediates for the backward pass.
-// In float32, dx, which the convolution's gradients read only later, is
-// written around the caches (streaming stores) when its vectors are aligned;
-// in bfloat16 it goes to a per-thread buffer that is rounded at once.
+// Each image is read once per direction, where XLA runs the three operations
+// as several loops over whole arrays and keeps the LRN's intermediates for the
+// backward pass. Forward, an image goes by output rows: the input rows an
+// output row pools are normalised into a per-thread ring of rows, which stays
+// in the core's caches, and each window's maxima and taps are kept in
+// registers. Backward, it goes by input pixels: the gradient reaching a pixel
+// is gathered from the outputs whose windows hold it (in registers, in the
+// outputs' order, so the sums are those of a scatter), then taken through the
+// LRN and ReLU at once. In float32, dx, which the convolution's gradients read
+// only later, is written around the caches (streaming stores) when its
+// vectors are aligned; bfloat16 is rounded as it is stored.
 //
 // LRN (models.local_response_norm): b_c = a_c / (k + scale * S_c) ** beta,
 // S_c = sum of a_j^2 over j in [c - size / 2, c + (size - 1) / 2] within c's
@@ -19,7 +24,8 @@
 // maximum in row-major window order, and a NaN counts as a maximum (XLA's
 // max passes NaNs on). The ReLU's gradient at 0 is 0.
 #include <omp.h>
-#ifdef __AVX512F__
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ALEXNET_AVX512 1
 #include <immintrin.h>
 #endif
 
@@ -68,25 +74,69 @@ struct AlignedAllocator {
   bool operator!=(const AlignedAllocator<U>&) const { return false; }
 };
 
-// Lanes of float32 for the LRN's loops: 16 with AVX-512, else 1. Max(0, x)
+// bfloat16 values are handled as their bits; the kernels compute in float32.
+using Bf16 = uint16_t;
+inline float Widen(float v) { return v; }
+inline float Widen(Bf16 v) {
+  const uint32_t u = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+template <typename T>
+T Narrow(float v);
+template <>
+float Narrow<float>(float v) { return v; }
+template <>
+Bf16 Narrow<Bf16>(float v) {  // round to nearest even, as XLA's convert
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<Bf16>((u >> 16) | 0x40);  // NaN
+  return static_cast<Bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Lanes of float32 for the kernels' loops: 16 with AVX-512, else 1. Max(0, x)
 // keeps a NaN x, as XLA's ReLU does. InvPow075 returns d ** -0.75 and sets
 // recip = 1 / d, for d > 0. Shift<k>(p), p the start of a vector in a buffer
 // padded by a vector on each side, is the vector k lanes further on (|k| < 16):
 // shifted in registers, since an unaligned load of values just stored cannot
 // be forwarded from the pending stores and waits for them. StoreAs<true>
 // writes values that will not be read again soon (streaming when the vector is
-// whole and aligned), StoreAs<false> as Store.
-#ifdef __AVX512F__
+// whole and aligned), StoreAs<false> as Store. Taps are the pooling's
+// window taps (uint8) of the same lanes. Masked loads and stores cost more
+// than plain ones on some CPUs (AMD Zen 4) even with every lane set, and
+// cannot take values from pending stores: whole vectors take plain ones where
+// that was measured to pay (LoadPlain, LoadWhole, the bfloat16 and tap loads
+// and stores).
+#ifdef ALEXNET_AVX512
 struct Lanes {
   using V = __m512;
   using M = __mmask16;
+  using Taps = __m128i;
   static constexpr int64_t kWidth = 16;
   static M Mask(int64_t left) {
     return left >= 16 ? static_cast<M>(0xffff) : static_cast<M>((1u << left) - 1);
   }
   static V Load(const float* p, M m) { return _mm512_maskz_loadu_ps(m, p); }
+  static V LoadPlain(const float* p, M m) {
+    return m == 0xffff ? _mm512_loadu_ps(p) : _mm512_maskz_loadu_ps(m, p);
+  }
+  static V LoadPlain(const Bf16* p, M m) { return Load(p, m); }
+  static V Load(const Bf16* p, M m) {
+    const __m256i h = m == 0xffff ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))
+                                  : _mm256_maskz_loadu_epi16(m, p);
+    return Cast(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+  }
   static void Store(float* p, V v, M m) { _mm512_mask_storeu_ps(p, m, v); }
+  // Values that bfloat16 holds exactly (the pooled maxima), as bfloat16.
+  static void Store(Bf16* p, V v, M m) { StoreHalves(p, _mm512_srli_epi32(Cast(v), 16), m); }
+  // Any values rounded to bfloat16 as Narrow<Bf16> rounds them.
+  static void StoreRounded(Bf16* p, V v, M m) { StoreHalves(p, RoundedBits(v), m); }
+  static V Rounded(V v) { return Cast(_mm512_slli_epi32(RoundedBits(v), 16)); }
   static V LoadAt(const float* p) { return _mm512_load_ps(p); }
+  // Load(p, m) from memory readable for a whole vector: a masked load waits
+  // for pending stores to the same place, a whole one takes their values.
+  static V LoadWhole(const float* p, M m) { return _mm512_maskz_mov_ps(m, _mm512_loadu_ps(p)); }
   static V LoadAnywhere(const float* p) { return _mm512_loadu_ps(p); }
   static void StoreAt(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreOnce(float* p, V v, M m) {
@@ -115,6 +165,26 @@ struct Lanes {
   static V IfPositive(V x, V v) {
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), v);
   }
+  static V AddWhere(M where, V a, V b) { return _mm512_mask_add_ps(a, where, a, b); }
+  // Where v takes a window's maximum over from best: v greater, or v NaN and
+  // best not (the first NaN stays, as XLA's max passes NaNs on).
+  static M Beats(V v, V best) {
+    return _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(best, best, _CMP_ORD_Q), v, best,
+                                   _CMP_NLE_UQ);
+  }
+  static V Where(M where, V a, V b) { return _mm512_mask_mov_ps(b, where, a); }
+  static Taps LoadTaps(const uint8_t* p, M m) {
+    return m == 0xffff ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                       : _mm_maskz_loadu_epi8(m, p);
+  }
+  static void StoreTaps(uint8_t* p, Taps t, M m) { _mm_mask_storeu_epi8(p, m, t); }
+  static Taps NoTaps() { return _mm_setzero_si128(); }
+  static M Hits(Taps t, uint8_t tap, M m) {
+    return _mm_mask_cmpeq_epi8_mask(m, t, _mm_set1_epi8(static_cast<char>(tap)));
+  }
+  static Taps TapWhere(M where, uint8_t tap, Taps t) {
+    return _mm_mask_mov_epi8(t, where, _mm_set1_epi8(static_cast<char>(tap)));
+  }
   // The 14-bit reciprocal square root refined by one Newton step (relative
   // error about 1e-7, as the division and square roots it replaces have):
   // y = d ** -0.5, z = (d y) ** -0.5 = d ** -0.25, d ** -0.75 = y z, 1 / d = y y.
@@ -136,6 +206,20 @@ struct Lanes {
   }
 
  private:
+  static void StoreHalves(Bf16* p, __m512i v, M m) {  // the low halves of v's lanes
+    const __m256i h = _mm512_cvtepi32_epi16(v);
+    if (m == 0xffff) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), h);
+    else _mm256_mask_storeu_epi16(p, m, h);
+  }
+  static __m512i RoundedBits(V v) {  // in the low half of each lane
+    const __m512i u = Cast(v), high = _mm512_srli_epi32(u, 16);
+    const __m512i lsb = _mm512_and_si512(high, _mm512_set1_epi32(1));
+    const __m512i even = _mm512_srli_epi32(
+        _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_mov_epi32(even, nan, _mm512_or_si512(high, _mm512_set1_epi32(0x40)));
+  }
   static __m512i Cast(V v) { return _mm512_castps_si512(v); }
   static V Cast(__m512i v) { return _mm512_castsi512_ps(v); }
 };
@@ -143,11 +227,19 @@ struct Lanes {
 struct Lanes {
   using V = float;
   using M = bool;
+  using Taps = uint8_t;
   static constexpr int64_t kWidth = 1;
   static M Mask(int64_t) { return true; }
   static V Load(const float* p, M) { return *p; }
+  template <typename T>
+  static V LoadPlain(const T* p, M m) { return Load(p, m); }
+  static V Load(const Bf16* p, M) { return Widen(*p); }
   static void Store(float* p, V v, M) { *p = v; }
+  static void Store(Bf16* p, V v, M) { *p = Narrow<Bf16>(v); }
+  static void StoreRounded(Bf16* p, V v, M) { *p = Narrow<Bf16>(v); }
+  static V Rounded(V v) { return Widen(Narrow<Bf16>(v)); }
   static V LoadAt(const float* p) { return *p; }
+  static V LoadWhole(const float* p, M) { return *p; }
   static V LoadAnywhere(const float* p) { return *p; }
   static void StoreAt(float* p, V v) { *p = v; }
   template <bool kOnce>
@@ -161,6 +253,14 @@ struct Lanes {
   static V NegMulAdd(V a, V b, V c) { return c - a * b; }
   static V Max(V a, V b) { return a > b ? a : b; }
   static V IfPositive(V x, V v) { return x > 0.0f ? v : 0.0f; }
+  static V AddWhere(M where, V a, V b) { return where ? a + b : a; }
+  static M Beats(V v, V best) { return !(v <= best) && best == best; }
+  static V Where(M where, V a, V b) { return where ? a : b; }
+  static Taps LoadTaps(const uint8_t* p, M) { return *p; }
+  static void StoreTaps(uint8_t* p, Taps t, M) { *p = t; }
+  static Taps NoTaps() { return 0; }
+  static M Hits(Taps t, uint8_t tap, M) { return t == tap; }
+  static Taps TapWhere(M where, uint8_t tap, Taps t) { return where ? tap : t; }
   static V InvPow075(V d, V* recip) {
     const float root = std::sqrt(d);
     *recip = 1.0f / d;
@@ -172,6 +272,12 @@ struct Lanes {
   }
 };
 #endif
+
+// Stores v as T: float32 as Lanes::StoreAs<kOnce>, bfloat16 rounded.
+template <bool kOnce>
+void Put(float* p, Lanes::V v, Lanes::M m) { Lanes::StoreAs<kOnce>(p, v, m); }
+template <bool kOnce>
+void Put(Bf16* p, Lanes::V v, Lanes::M m) { Lanes::StoreRounded(p, v, m); }
 
 // The LRN of one pixel's C channels at a time, one tower after another. A
 // tower's squares (and, backward, its terms u) are stored as whole vectors in
@@ -190,24 +296,28 @@ class Lrn {
         vectors_((per_ + kW - 1) / kW), pad_((std::max(lo_, hi_) + kW - 1) / kW * kW),
         sq_(Buffer()), u_(Buffer()), ginv_(Buffer()) {}
 
-  // out = r * d ** -beta, r = relu(x): the LRN's output.
-  void Forward(const float* x, float* out) {
+  // out = r * d ** -beta, r = relu(x): the LRN's output (rounded to In, the
+  // type of x).
+  template <typename In>
+  void Forward(const In* x, float* out) {
     for (int64_t o = 0; o < p_.c; o += per_) {
       Normalise(x + o, [&](int64_t j, typename L::M m, V r, V inv, V) {
-        L::Store(out + o + j * kW, L::Mul(r, inv), m);
+        const V b = L::Mul(r, inv);
+        L::Store(out + o + j * kW, std::is_same_v<In, float> ? b : L::Rounded(b), m);
       });
     }
   }
 
   // dx from x and g, the gradient of the LRN's output:
   // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c, u_c = g_c r_c inv_c / d_c.
-  // kOnce: dx is not read again soon.
-  template <bool kOnce>
-  void Backward(const float* x, const float* g, float* dx) {
+  // g is readable for a whole vector past its last channel. kOnce: dx is not
+  // read again soon.
+  template <bool kOnce, typename T>
+  void Backward(const T* x, const float* g, T* dx) {
     const V two_beta_scale = L::Set(2.0f * p_.beta * p_.scale);
     for (int64_t o = 0; o < p_.c; o += per_) {
       Normalise(x + o, [&](int64_t j, typename L::M m, V r, V inv, V recip) {
-        const V ginv = L::Mul(L::Load(g + o + j * kW, m), inv);
+        const V ginv = L::Mul(L::LoadWhole(g + o + j * kW, m), inv);
         L::StoreAt(At(ginv_, j), ginv);
         L::StoreAt(At(u_, j), L::Mul(L::Mul(ginv, r), recip));
       });
@@ -218,7 +328,7 @@ class Lrn {
         // u_c for c in [i - hi, i + lo]: the channels whose windows hold i.
         const V s = kTaps ? Sum<-(kTaps - 1) / 2, kTaps / 2>(At(u_, j)) : Sum(At(u_, j), -hi_, lo_);
         const V dr = L::NegMulAdd(L::Mul(two_beta_scale, r), s, L::LoadAt(At(ginv_, j)));
-        L::template StoreAs<kOnce>(dx + o + j * kW, L::IfPositive(xj, dr), m);
+        Put<kOnce>(dx + o + j * kW, L::IfPositive(xj, dr), m);
       }
     }
   }
@@ -230,8 +340,8 @@ class Lrn {
 
   // f(j, m, r, inv, recip) for the vectors j of the tower x starts: their
   // lanes m, r = relu(x), inv = d ** -beta and recip = 1 / d.
-  template <typename F>
-  void Normalise(const float* x, F f) {
+  template <typename In, typename F>
+  void Normalise(const In* x, F f) {
     Squares(x);
     for (int64_t j = 0; j < vectors_; ++j) {
       const auto m = L::Mask(per_ - j * kW);
@@ -242,7 +352,8 @@ class Lrn {
   }
 
   // sq_ = relu(x) ** 2 of one tower, zero beyond it.
-  void Squares(const float* x) {
+  template <typename In>
+  void Squares(const In* x) {
     for (int64_t j = 0; j < vectors_; ++j) {
       const V r = L::Max(L::Set(0.0f), L::Load(x + j * kW, L::Mask(per_ - j * kW)));
       L::StoreAt(At(sq_, j), L::Mul(r, r));
@@ -278,20 +389,6 @@ class Lrn {
   Aligned sq_, u_, ginv_;
 };
 
-// f(tap, pixel) for the in-bounds taps of output (oi, oj)'s window, in
-// row-major order; pixel = i * W + j of the input.
-template <typename F>
-void ForEachTap(const Params& p, int64_t oi, int64_t oj, F f) {
-  for (int64_t ti = 0; ti < p.window; ++ti) {
-    const int64_t i = oi * p.stride + ti - p.pad_top;
-    if (i < 0 || i >= p.h) continue;
-    for (int64_t tj = 0; tj < p.window; ++tj) {
-      const int64_t j = oj * p.stride + tj - p.pad_left;
-      if (j >= 0 && j < p.w) f(static_cast<uint8_t>(ti * p.window + tj), i * p.w + j);
-    }
-  }
-}
-
 ffi::Error Check(const Params& p) {
   if (p.size < 0 || p.towers < 1 || p.c % p.towers || p.window < 1 ||
       p.window * p.window > 256 || p.stride < 1)
@@ -307,125 +404,178 @@ Params Read(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> yd,
           stride, pad_top, pad_left, k, scale, beta};
 }
 
-// bfloat16 values are handled as their bits; the kernels compute in float32.
-using Bf16 = uint16_t;
-inline float Widen(float v) { return v; }
-inline float Widen(Bf16 v) {
-  const uint32_t u = static_cast<uint32_t>(v) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof f);
-  return f;
-}
+// Max pooling of output (oi, oj): rows[ti] points to the normalised input
+// row of window row ti (nullptr outside the image); the maxima go to y,
+// their taps to arg.
 template <typename T>
-T Narrow(float v);
-template <>
-float Narrow<float>(float v) { return v; }
-template <>
-Bf16 Narrow<Bf16>(float v) {  // round to nearest even, as XLA's convert
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof u);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<Bf16>((u >> 16) | 0x40);  // NaN
-  return static_cast<Bf16>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+void PoolWindow(const Params& p, const float* const* rows, int64_t oj, T* y, uint8_t* arg) {
+  using L = Lanes;
+  const int64_t j0 = oj * p.stride - p.pad_left;
+  const int64_t tj0 = std::max<int64_t>(0, -j0), tj1 = std::min(p.window, p.w - j0);
+#ifdef ALEXNET_AVX512
+  // 16 channels at a time, the maxima and their taps held in registers.
+  for (int64_t ch = 0; ch < p.c; ch += L::kWidth) {
+    const auto m = L::Mask(p.c - ch);
+    L::V best = L::Set(-std::numeric_limits<float>::infinity());
+    L::Taps at = L::NoTaps();
+    for (int64_t ti = 0; ti < p.window; ++ti) {
+      if (!rows[ti]) continue;
+      const float* v = rows[ti] + j0 * p.c + ch;
+      for (int64_t tj = tj0; tj < tj1; ++tj) {
+        const L::V x = L::Load(v + tj * p.c, m);
+        const auto more = L::Beats(x, best);
+        best = L::Where(more, x, best);
+        at = L::TapWhere(more, static_cast<uint8_t>(ti * p.window + tj), at);
+      }
+    }
+    L::Store(y + ch, best, m);
+    L::StoreTaps(arg + ch, at, m);
+  }
+#else
+  // Loops over the channels, for the compiler to vectorise.
+  float best[256];
+  for (int64_t ch0 = 0; ch0 < p.c; ch0 += 256) {
+    const int64_t n = std::min<int64_t>(256, p.c - ch0);
+    std::fill(best, best + n, -std::numeric_limits<float>::infinity());
+    std::fill(arg + ch0, arg + ch0 + n, 0);
+    for (int64_t ti = 0; ti < p.window; ++ti) {
+      if (!rows[ti]) continue;
+      for (int64_t tj = tj0; tj < tj1; ++tj) {
+        const float* v = rows[ti] + (j0 + tj) * p.c + ch0;
+        const auto tap = static_cast<uint8_t>(ti * p.window + tj);
+        for (int64_t ch = 0; ch < n; ++ch) {
+          const bool more = L::Beats(v[ch], best[ch]);
+          best[ch] = more ? v[ch] : best[ch];
+          arg[ch0 + ch] = more ? tap : arg[ch0 + ch];
+        }
+      }
+    }
+    for (int64_t ch = 0; ch < n; ++ch) y[ch0 + ch] = Narrow<T>(best[ch]);
+  }
+#endif
 }
 
-// One image of T as float32: itself, or widened into buf.
+// The outputs along one axis whose windows hold each input index i:
+// [first[i], last[i]].
+struct Reach {
+  std::vector<int64_t> first, last;
+  Reach(int64_t inputs, int64_t pad, int64_t window, int64_t stride, int64_t outputs)
+      : first(inputs), last(inputs) {
+    for (int64_t i = 0; i < inputs; ++i) {
+      first[i] = std::max<int64_t>(0, (i + pad - window + stride) / stride);
+      last[i] = std::min(outputs - 1, (i + pad) / stride);
+    }
+  }
+};
+
+// g = the gradient reaching input pixel (i, j) of one image from the pooling:
+// the sum of dy over the outputs [oi0, oi1] x [oj0, oj1] whose maximum came
+// from the pixel, in the outputs' row-major order. Each vector of channels
+// sums in a register, its dy loaded whole (ahead of the comparisons).
 template <typename T>
-const float* AsFloat(const T* x, int64_t size, std::vector<float>& buf) {
-  if constexpr (std::is_same_v<T, float>) {
-    return x;
-  } else {
-    for (int64_t i = 0; i < size; ++i) buf[i] = Widen(x[i]);
-    return buf.data();
+void PoolGradient(const Params& p, const T* dy, const uint8_t* arg, int64_t i, int64_t j,
+                  int64_t oi0, int64_t oi1, int64_t oj0, int64_t oj1, float* g) {
+  using L = Lanes;
+  int64_t at[256];
+  uint8_t taps[256];
+  int64_t reach = 0;
+  for (int64_t oi = oi0; oi <= oi1; ++oi) {
+    for (int64_t oj = oj0; oj <= oj1; ++oj, ++reach) {
+      at[reach] = (oi * p.ow + oj) * p.c;
+      taps[reach] = static_cast<uint8_t>((i + p.pad_top - oi * p.stride) * p.window + j +
+                                         p.pad_left - oj * p.stride);
+    }
+  }
+  for (int64_t ch = 0; ch < p.c; ch += L::kWidth) {
+    const auto m = L::Mask(p.c - ch);
+    L::V sum = L::Set(0.0f);
+    for (int64_t r = 0; r < reach; ++r) {
+      const auto hit = L::Hits(L::LoadTaps(arg + at[r] + ch, m), taps[r], m);
+      sum = L::AddWhere(hit, sum, L::LoadPlain(dy + at[r] + ch, m));
+    }
+    L::StoreAt(g + ch, sum);
   }
 }
 
+using Aligned = std::vector<float, AlignedAllocator<float>>;
+
+// Each image by output rows: the `window` input rows an output row reads are
+// normalised into a ring of rows (input row i in slot i % window), which
+// stays in the core's caches while it is pooled.
 template <int kTaps, typename T>
 void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
-  const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
+  const int64_t c = p.c, row = p.w * c, image = p.h * row, pooled = p.oh * p.ow * c;
 #pragma omp parallel
   {
-    std::vector<float> xf(std::is_same_v<T, float> ? 0 : image), b(image), best(c);
-    std::vector<uint8_t> at(c);
+    Aligned ring(p.window * row);
+    std::vector<const float*> rows(p.window);
     Lrn<kTaps> lrn(p);
+    const auto slot = [&](int64_t i) { return ring.data() + i % p.window * row; };
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
-      const float* xn = AsFloat(xs + n * image, image, xf);
-      if (p.size) {
-        for (int64_t px = 0; px < p.h * p.w; ++px) lrn.Forward(xn + px * c, b.data() + px * c);
-      } else {
-        for (int64_t i = 0; i < image; ++i) b[i] = xn[i] < 0.0f ? 0.0f : xn[i];  // keeps NaN
-      }
-      if constexpr (!std::is_same_v<T, float>) {
-        // Pool the values the LRN returns in T (ties as XLA sees them).
-        for (int64_t i = 0; i < image; ++i) b[i] = Widen(Narrow<T>(b[i]));
-      }
+      int64_t next = 0;  // the next input row to normalise
       for (int64_t oi = 0; oi < p.oh; ++oi) {
-        for (int64_t oj = 0; oj < p.ow; ++oj) {
-          std::fill(best.begin(), best.end(), -std::numeric_limits<float>::infinity());
-          std::fill(at.begin(), at.end(), 0);
-          ForEachTap(p, oi, oj, [&](uint8_t tap, int64_t pixel) {
-            const float* v = b.data() + pixel * c;
-            for (int64_t ch = 0; ch < c; ++ch) {
-              // A NaN is a maximum, the first one kept, as XLA's max keeps NaNs.
-              const bool more = !(v[ch] <= best[ch]) && best[ch] == best[ch];
-              best[ch] = more ? v[ch] : best[ch];
-              at[ch] = more ? tap : at[ch];
+        const int64_t last = std::min(p.h - 1, oi * p.stride + p.window - 1 - p.pad_top);
+        for (next = std::max(next, oi * p.stride - p.pad_top); next <= last; ++next) {
+          const T* x = xs + n * image + next * row;
+          float* b = slot(next);
+          if (p.size) {
+            // Rounded to T: the pooling sees the ties XLA's would.
+            for (int64_t px = 0; px < p.w; ++px) lrn.Forward(x + px * c, b + px * c);
+          } else {
+            for (int64_t e = 0; e < row; e += Lanes::kWidth) {
+              const auto m = Lanes::Mask(row - e);
+              Lanes::Store(b + e, Lanes::Max(Lanes::Set(0.0f), Lanes::Load(x + e, m)), m);
             }
-          });
+          }
+        }
+        for (int64_t ti = 0; ti < p.window; ++ti) {
+          const int64_t i = oi * p.stride + ti - p.pad_top;
+          rows[ti] = i >= 0 && i < p.h ? slot(i) : nullptr;
+        }
+        for (int64_t oj = 0; oj < p.ow; ++oj) {
           const int64_t o = n * pooled + (oi * p.ow + oj) * c;
-          for (int64_t ch = 0; ch < c; ++ch) ys[o + ch] = Narrow<T>(best[ch]);
-          std::copy(at.begin(), at.end(), args + o);
+          PoolWindow(p, rows.data(), oj, ys + o, args + o);
         }
       }
     }
   }
 }
 
+// Each input pixel in turn: its gradient from the pooling (gathered from the
+// outputs that reach it), then through the LRN and ReLU.
 template <int kTaps, typename T>
 void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T* dxs) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
   constexpr bool kFloat = std::is_same_v<T, float>;
 #pragma omp parallel
   {
-    std::vector<float> g(image);  // the gradient reaching the pooling's input
-    std::vector<float> xf(kFloat ? 0 : image), dxf(kFloat ? 0 : image);
+    // The gradient reaching one pixel's pooling input, in whole vectors and one
+    // more (a tower's last vector may start mid-vector).
+    Aligned g((c + Lanes::kWidth - 1) / Lanes::kWidth * Lanes::kWidth + Lanes::kWidth);
     Lrn<kTaps> lrn(p);
+    const Reach down(p.h, p.pad_top, p.window, p.stride, p.oh);
+    const Reach across(p.w, p.pad_left, p.window, p.stride, p.ow);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
-      std::fill(g.begin(), g.end(), 0.0f);
-      for (int64_t oi = 0; oi < p.oh; ++oi) {
-        for (int64_t oj = 0; oj < p.ow; ++oj) {
-          const int64_t o = n * pooled + (oi * p.ow + oj) * c;
-          const T* go = dys + o;
-          const uint8_t* ao = args + o;
-          ForEachTap(p, oi, oj, [&](uint8_t tap, int64_t pixel) {
-            float* gp = g.data() + pixel * c;
-            for (int64_t ch = 0; ch < c; ++ch) gp[ch] += ao[ch] == tap ? Widen(go[ch]) : 0.0f;
-          });
+      for (int64_t i = 0; i < p.h; ++i) {
+        for (int64_t j = 0; j < p.w; ++j) {
+          const int64_t at = n * image + (i * p.w + j) * c;
+          PoolGradient(p, dys + n * pooled, args + n * pooled, i, j, down.first[i],
+                       down.last[i], across.first[j], across.last[j], g.data());
+          if (p.size) {
+            lrn.template Backward<kFloat>(xs + at, g.data(), dxs + at);
+          } else {
+            for (int64_t ch = 0; ch < c; ch += Lanes::kWidth) {
+              const auto m = Lanes::Mask(c - ch);
+              const auto xi = Lanes::Load(xs + at + ch, m);
+              Put<kFloat>(dxs + at + ch, Lanes::IfPositive(xi, Lanes::LoadAt(g.data() + ch)), m);
+            }
+          }
         }
-      }
-      const float* xn = AsFloat(xs + n * image, image, xf);
-      float* dxn;
-      if constexpr (kFloat) {
-        dxn = dxs + n * image;
-      } else {
-        dxn = dxf.data();
-      }
-      if (p.size) {
-        for (int64_t px = 0; px < p.h * p.w; ++px)
-          lrn.template Backward<kFloat>(xn + px * c, g.data() + px * c, dxn + px * c);
-      } else {
-        for (int64_t i = 0; i < image; i += Lanes::kWidth) {
-          const auto m = Lanes::Mask(image - i);
-          const auto xi = Lanes::Load(xn + i, m);
-          Lanes::StoreAs<kFloat>(dxn + i, Lanes::IfPositive(xi, Lanes::Load(g.data() + i, m)), m);
-        }
-      }
-      if constexpr (!kFloat) {
-        for (int64_t i = 0; i < image; ++i) dxs[n * image + i] = Narrow<T>(dxn[i]);
       }
     }
-#ifdef __AVX512F__
+#ifdef ALEXNET_AVX512
     _mm_sfence();
 #endif
   }
