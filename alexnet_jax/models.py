@@ -300,10 +300,7 @@ class TowerConv(nn.Module):
   - oneDNN (the CPU default): one array with all towers. oneDNN's grouped
     convolutions are as fast as separate ones, and every ReLU, LRN and pool
     is then one loop over both towers, as in the single-tower network. The
-    bias is added by the convolution's own kernels, or with
-    `bias_after=True` left out for the caller to add (`AlexNet.conv_block`
-    hands it to the fused ReLU-LRN-pool kernel, which also returns its
-    gradient).
+    bias is added by the convolution's own kernels.
   - XLA: one array per tower, each convolved on its own. XLA's grouped
     convolutions are several times slower than separate ones, and towers
     kept as separate arrays, as the two GPUs of the paper keep them, are
@@ -321,7 +318,6 @@ class TowerConv(nn.Module):
   init_std: float = 0.01
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'  # see `uses_onednn`
-  bias_after: bool = False  # on oneDNN's path, leave the bias for the caller
 
   @nn.compact
   def __call__(self, xs: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
@@ -346,8 +342,7 @@ class TowerConv(nn.Module):
                              impl=self.conv_impl)
     join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
     if uses_onednn(self.conv_impl, self.dtype):
-      return [conv(join(xs).astype(self.dtype), kernel, groups=groups,
-                   bias=None if self.bias_after else bias)]
+      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias)]
     if self.grouped:
       if len(xs) == 1:
         xs = jnp.split(xs[0], towers, axis=-1)
@@ -386,37 +381,21 @@ class AlexNet(nn.Module):
   conv_impl: str = 'auto'  # 'auto' | 'xla' | 'onednn': see `uses_onednn`
 
   def _conv(self, i: int, grouped: bool, bias: float, stride: int = 1,
-            padding: Any = None, bias_after: bool = False):
+            padding: Any = None):
     k = self.kernel_sizes[i]
     return TowerConv(
         features=self.features[i], kernel_size=k, stride=stride,
         padding=k // 2 if padding is None else padding, towers=self.towers,
         grouped=grouped, bias_init_value=bias, weight_init=self.weight_init,
         init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl,
-        bias_after=bias_after, name=f'conv{i + 1}')
+        name=f'conv{i + 1}')
 
-  def conv_block(self, xs, i: int, grouped: bool, bias: float, lrn: bool,
-                 **conv_args) -> list[jax.Array]:
-    """relu_lrn_pool(conv_i(xs)), for each array of towers.
+  def relu_lrn_pool(self, x: jax.Array, lrn: bool, towers: int) -> jax.Array:
+    """pool(lrn(relu(x))), or pool(relu(x)) with lrn=False, for one array.
 
-    On oneDNN's path the convolution leaves its bias to the fused ReLU-LRN-
-    pool kernel, which adds it as it reads the maps and sums its gradient as
-    it writes theirs: no pass of XLA's over the maps for either.
-    """
-    fused = uses_onednn(self.conv_impl, self.dtype)
-    conv = self._conv(i, grouped, bias, bias_after=fused, **conv_args)
-    ys = conv(xs)
-    b = conv.variables['params']['bias'] if fused else None
-    return [self.relu_lrn_pool(y, lrn, self.towers // len(ys), bias=b) for y in ys]
-
-  def relu_lrn_pool(self, x: jax.Array, lrn: bool, towers: int,
-                    bias: jax.Array | None = None) -> jax.Array:
-    """pool(lrn(relu(x + bias))), or pool(relu(x + bias)) with lrn=False.
-
-    For one array: x holds `towers` towers side by side; each normalises only
-    its own maps, as each GPU did in the paper. On oneDNN's path the
-    operations run fused (`onednn.relu_lrn_pool`). `bias` is optional (one
-    value per channel). Uses no parameters (`parallel` calls it too).
+    x holds `towers` towers side by side; each normalises only its own maps,
+    as each GPU did in the paper. On oneDNN's path the three run fused
+    (`onednn.relu_lrn_pool`). Uses no parameters (`parallel` calls it too).
     """
     lrn = lrn and self.use_lrn
     w, s, pad = self.pool_window, self.pool_stride, self.pool_padding
@@ -424,9 +403,7 @@ class AlexNet(nn.Module):
       scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
       params = dict(size=self.lrn_size, k=self.lrn_k, scale=scale, beta=self.lrn_beta)
       return onednn.relu_lrn_pool(x, window=w, stride=s, padding=pad,
-                                  lrn=params if lrn else None, towers=towers, bias=bias)
-    if bias is not None:
-      x = add_bias(x, bias)
+                                  lrn=params if lrn else None, towers=towers)
     x = nn.relu(x)
     if lrn:
       x = local_response_norm(x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
@@ -439,14 +416,17 @@ class AlexNet(nn.Module):
     # Activations are lists of arrays holding the towers side by side (see
     # TowerConv).
     each = lambda f, xs: [f(x) for x in xs]
+    relu_lrn_pool = lambda xs, lrn: [self.relu_lrn_pool(x, lrn, self.towers // len(xs))
+                                     for x in xs]
     # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
     # that the ReLUs receive positive inputs early on (section 5).
-    xs = self.conv_block(images_BHWC, 0, grouped=False, bias=0.0, lrn=True,
-                         stride=self.conv1_stride, padding=self.conv1_padding)
-    xs = self.conv_block(xs, 1, grouped=True, bias=1.0, lrn=True)
+    xs = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
+                    padding=self.conv1_padding)(images_BHWC)
+    xs = relu_lrn_pool(xs, lrn=True)
+    xs = relu_lrn_pool(self._conv(1, grouped=True, bias=1.0)(xs), lrn=True)
     xs = each(nn.relu, self._conv(2, grouped=False, bias=0.0)(xs))
     xs = each(nn.relu, self._conv(3, grouped=True, bias=1.0)(xs))
-    xs = self.conv_block(xs, 4, grouped=True, bias=1.0, lrn=False)
+    xs = relu_lrn_pool(self._conv(4, grouped=True, bias=1.0)(xs), lrn=False)
     # Side by side before flattening: fc6's kernel rows follow the canonical
     # (h, w, c) order of the single-array network.
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)

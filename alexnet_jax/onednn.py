@@ -319,10 +319,7 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 # and write y once more). Its gradient, the sum of dy over N, H and W, is XLA's
 # (`models.sum_to_last_axis`): oneDNN 2.6 computes it inside the kernel
 # gradient's call, but slower (conv1's kernel gradient at batch 64 took 43
-# against 35 ms with it), and the whole step was 1.5% slower. A convolution
-# followed by `relu_lrn_pool` (AlexNet's conv1, conv2, conv5) leaves its bias
-# to that kernel instead, which adds it and sums its gradient in passes it
-# makes anyway.
+# against 35 ms with it), and the whole step was 1.5% slower.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv_bias(x, w, b, stride, pads, groups):
   return _forward(x, w, stride, pads, groups, b)
@@ -380,45 +377,38 @@ def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, i
   return total // 2, total - total // 2
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _relu_lrn_pool(x, bias, y_shape, attrs):
-  return _relu_lrn_pool_fwd(x, bias, y_shape, attrs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _relu_lrn_pool(x, y_shape, attrs):
+  return _relu_lrn_pool_fwd(x, y_shape, attrs)[0]
 
 
-def _relu_lrn_pool_fwd(x, bias, y_shape, attrs):
+def _relu_lrn_pool_fwd(x, y_shape, attrs):
   y, arg = jax.ffi.ffi_call(
       'alexnet_relu_lrn_pool_fwd',
       (jax.ShapeDtypeStruct(y_shape, x.dtype), jax.ShapeDtypeStruct(y_shape, np.uint8)),
-      vmap_method='sequential')(x, bias.astype(np.float32), **dict(attrs))
-  return y, (x, bias, arg)
+      vmap_method='sequential')(x, **dict(attrs))
+  return y, (x, arg)
 
 
 def _relu_lrn_pool_bwd(y_shape, attrs, res, dy):
   del y_shape
-  x, bias, arg = res
-  dx, db = jax.ffi.ffi_call(
-      'alexnet_relu_lrn_pool_bwd',
-      (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(bias.shape, np.float32)),
-      vmap_method='sequential')(x, bias.astype(np.float32), arg, dy, **dict(attrs))
-  return dx, db.astype(bias.dtype)
+  x, arg = res
+  return (jax.ffi.ffi_call('alexnet_relu_lrn_pool_bwd', jax.ShapeDtypeStruct(x.shape, x.dtype),
+                           vmap_method='sequential')(x, arg, dy, **dict(attrs)),)
 
 
 _relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
 
 
 def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VALID',
-                  lrn: dict | None = None, towers: int = 1,
-                  bias: jax.Array | None = None) -> jax.Array:
-  """`max_pool(local_response_norm(relu(x + bias)))` of `models`, fused (CPU).
+                  lrn: dict | None = None, towers: int = 1) -> jax.Array:
+  """`max_pool(local_response_norm(relu(x)))` of `models`, fused (CPU).
 
-  The operations run as one pass over each image per direction
+  The three operations run as one pass over each image per direction
   (`csrc/relu_lrn_pool.cc`); only x and the window tap of every maximum (one
-  byte) are kept for the backward pass. x is float32 or bfloat16; the bias
-  (optional, one value per channel: the bias of the convolution before,
-  which then need not add it) is added and the LRN computed in float32
-  either way, and in bfloat16 the LRN's output is rounded before the
-  pooling, as in `models`. The bias's gradient, the sum of x's over N, H and
-  W, comes from the same backward pass. `lrn`: None, or the LRN's `size`,
+  byte) are kept for the backward pass. x is float32 or bfloat16; the LRN is
+  computed in float32 either way, and in bfloat16 its output is rounded
+  before the pooling, as in `models`. `lrn`: None, or the LRN's `size`,
   `k`, `scale` (the alpha that multiplies the window sum) and `beta`, its
   windows clipped to each of `towers` channel blocks. Pooling as
   `models.max_pool` (ties: the first maximum in row-major order; a NaN is
@@ -431,10 +421,6 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
   if x.shape[-1] % towers or window * window > 256:
     raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
                      'channels must split evenly and windows hold at most 256 taps')
-  if bias is None:
-    bias = jax.lax.stop_gradient(jax.numpy.zeros(x.shape[-1:], np.float32))
-  elif bias.shape != x.shape[-1:]:
-    raise ValueError(f'the bias has shape {bias.shape}; x has {x.shape[-1]} channels')
   n, h, w, c = x.shape
   pt, pb = pool_pads(h, window, stride, padding)
   pl, pr = pool_pads(w, window, stride, padding)
@@ -445,7 +431,7 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
            ('pad_top', np.int64(pt)), ('pad_left', np.int64(pl)),
            ('k', np.float32(lrn['k'])), ('scale', np.float32(lrn['scale'])),
            ('beta', np.float32(lrn['beta'])))
-  return _relu_lrn_pool(x, bias, y_shape, attrs)
+  return _relu_lrn_pool(x, y_shape, attrs)
 
 
 def main():

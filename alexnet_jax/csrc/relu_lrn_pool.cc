@@ -1,11 +1,9 @@
-// Bias -> ReLU -> local response normalisation (optional) -> max pooling,
-// fused, as XLA FFI custom calls on NHWC float32 or bfloat16 activations
-// (computed in float32, as models.local_response_norm does):
-//   alexnet_relu_lrn_pool_fwd  (x, bias) -> (y, arg)   arg: the window tap
-//                                 (row-major, uint8) each maximum came from
-//   alexnet_relu_lrn_pool_bwd  (x, bias, arg, dy) -> (dx, db)
-// bias: float32, one per channel, added to x (a convolution's bias, which its
-// own kernels then need not add); db = the sum of dx over N, H and W.
+// ReLU -> local response normalisation (optional) -> max pooling, fused, as
+// XLA FFI custom calls on NHWC float32 or bfloat16 activations (computed in
+// float32, as models.local_response_norm does):
+//   alexnet_relu_lrn_pool_fwd  x -> (y, arg)   arg: the window tap (row-major,
+//                                               uint8) each maximum came from
+//   alexnet_relu_lrn_pool_bwd  (x, arg, dy) -> dx
 // Each image is read once per direction, where XLA runs the three operations
 // as several loops over whole arrays and keeps the LRN's intermediates for the
 // backward pass. Forward, an image goes by output rows: the input rows an
@@ -140,7 +138,6 @@ struct Lanes {
   // for pending stores to the same place, a whole one takes their values.
   static V LoadWhole(const float* p, M m) { return _mm512_maskz_mov_ps(m, _mm512_loadu_ps(p)); }
   static V LoadAnywhere(const float* p) { return _mm512_loadu_ps(p); }
-  static void StoreAnywhere(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void StoreAt(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreOnce(float* p, V v, M m) {
     if (m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
@@ -244,7 +241,6 @@ struct Lanes {
   static V LoadAt(const float* p) { return *p; }
   static V LoadWhole(const float* p, M) { return *p; }
   static V LoadAnywhere(const float* p) { return *p; }
-  static void StoreAnywhere(float* p, V v) { *p = v; }
   static void StoreAt(float* p, V v) { *p = v; }
   template <bool kOnce>
   static void StoreAs(float* p, V v, M) { *p = v; }
@@ -302,43 +298,40 @@ class Lrn {
         vectors_((per_ + kW - 1) / kW), pad_((std::max(lo_, hi_) + kW - 1) / kW * kW),
         stride_(vectors_ * kW + pad_), sq_(Buffer()), u_(Buffer()), ginv_(Buffer()) {}
 
-  // out = r * d ** -beta, r = relu(x + bias): the LRN's output (rounded to
-  // In, the type of x).
+  // out = r * d ** -beta, r = relu(x): the LRN's output (rounded to In, the
+  // type of x).
   template <typename In>
-  void Forward(const In* x, const float* bias, float* out) {
-    Squares(x, bias);
+  void Forward(const In* x, float* out) {
+    Squares(x);
     ForEachVector([&](int64_t t, int64_t j, int64_t c, typename L::M m) {
       V recip;
-      const V b = L::Mul(Relu(x, bias, c, m), Inverse(t, j, &recip));
+      const V b = L::Mul(Relu(x + c, m), Inverse(t, j, &recip));
       L::Store(out + c, std::is_same_v<In, float> ? b : L::Rounded(b), m);
     });
   }
 
-  // dx from x and g, the gradient of the LRN's output, added to db too:
+  // dx from x and g, the gradient of the LRN's output:
   // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c, u_c = g_c r_c inv_c / d_c.
-  // g and db are readable for a whole vector past their last channel. kOnce:
-  // dx is not read again soon.
+  // g is readable for a whole vector past its last channel. kOnce: dx is not
+  // read again soon.
   template <bool kOnce, typename T>
-  void Backward(const T* x, const float* bias, const float* g, T* dx, float* db) {
-    Squares(x, bias);
+  void Backward(const T* x, const float* g, T* dx) {
+    Squares(x);
     ForEachVector([&](int64_t t, int64_t j, int64_t c, typename L::M m) {
       V recip;
       const V ginv = L::Mul(L::LoadWhole(g + c, m), Inverse(t, j, &recip));
       L::StoreAt(At(ginv_, t, j), ginv);
-      L::StoreAt(At(u_, t, j), L::Mul(L::Mul(ginv, Relu(x, bias, c, m)), recip));
+      L::StoreAt(At(u_, t, j), L::Mul(L::Mul(ginv, Relu(x + c, m)), recip));
     });
     const V two_beta_scale = L::Set(2.0f * p_.beta * p_.scale);
     ForEachVector([&](int64_t t, int64_t j, int64_t c, typename L::M m) {
-      const V xc = Biased(x, bias, c, m);
+      const V xc = L::Load(x + c, m);
       // u_c for c in [i - hi, i + lo]: the channels whose windows hold i.
       const float* u = At(u_, t, j);
       const V s = kTaps ? Sum<-(kTaps - 1) / 2, kTaps / 2>(u) : Sum(u, -hi_, lo_);
       const V dr = L::NegMulAdd(L::Mul(two_beta_scale, L::Max(L::Set(0.0f), xc)), s,
                                 L::LoadAt(At(ginv_, t, j)));
-      const V d = L::IfPositive(xc, dr);
-      Put<kOnce>(dx + c, d, m);
-      // Whole vectors: lanes past m add 0 to the next tower's channels.
-      L::StoreAnywhere(db + c, L::Add(L::LoadAnywhere(db + c), d));
+      Put<kOnce>(dx + c, L::IfPositive(xc, dr), m);
     });
   }
 
@@ -359,21 +352,14 @@ class Lrn {
     }
   }
 
-  // x + bias and relu(x + bias) at channel c, zero outside lanes m.
   template <typename In>
-  static V Biased(const In* x, const float* bias, int64_t c, typename L::M m) {
-    return L::Add(L::Load(x + c, m), L::LoadPlain(bias + c, m));
-  }
-  template <typename In>
-  static V Relu(const In* x, const float* bias, int64_t c, typename L::M m) {
-    return L::Max(L::Set(0.0f), Biased(x, bias, c, m));
-  }
+  static V Relu(const In* x, typename L::M m) { return L::Max(L::Set(0.0f), L::Load(x, m)); }
 
-  // sq_ = relu(x + bias) ** 2, zero beyond each tower.
+  // sq_ = relu(x) ** 2, zero beyond each tower.
   template <typename In>
-  void Squares(const In* x, const float* bias) {
+  void Squares(const In* x) {
     ForEachVector([&](int64_t t, int64_t j, int64_t c, typename L::M m) {
-      const V r = Relu(x, bias, c, m);
+      const V r = Relu(x + c, m);
       L::StoreAt(At(sq_, t, j), L::Mul(r, r));
     });
   }
@@ -521,7 +507,7 @@ using Aligned = std::vector<float, AlignedAllocator<float>>;
 // normalised into a ring of rows (input row i in slot i % window), which
 // stays in the core's caches while it is pooled.
 template <int kTaps, typename T>
-void Forward(const Params& p, const T* xs, const float* bias, T* ys, uint8_t* args) {
+void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
   const int64_t c = p.c, row = p.w * c, image = p.h * row, pooled = p.oh * p.ow * c;
 #pragma omp parallel
   {
@@ -539,14 +525,11 @@ void Forward(const Params& p, const T* xs, const float* bias, T* ys, uint8_t* ar
           float* b = slot(next);
           if (p.size) {
             // Rounded to T: the pooling sees the ties XLA's would.
-            for (int64_t px = 0; px < p.w; ++px) lrn.Forward(x + px * c, bias, b + px * c);
+            for (int64_t px = 0; px < p.w; ++px) lrn.Forward(x + px * c, b + px * c);
           } else {
-            for (int64_t px = 0; px < row; px += c) {
-              for (int64_t ch = 0; ch < c; ch += Lanes::kWidth) {
-                const auto m = Lanes::Mask(c - ch);
-                const auto v = Lanes::Add(Lanes::Load(x + px + ch, m), Lanes::LoadPlain(bias + ch, m));
-                Lanes::Store(b + px + ch, Lanes::Max(Lanes::Set(0.0f), v), m);
-              }
+            for (int64_t e = 0; e < row; e += Lanes::kWidth) {
+              const auto m = Lanes::Mask(row - e);
+              Lanes::Store(b + e, Lanes::Max(Lanes::Set(0.0f), Lanes::Load(x + e, m)), m);
             }
           }
         }
@@ -564,54 +547,42 @@ void Forward(const Params& p, const T* xs, const float* bias, T* ys, uint8_t* ar
 }
 
 // Each input pixel in turn: its gradient from the pooling (gathered from the
-// outputs that reach it), then through the LRN and ReLU; db, the bias's
-// gradient, sums dx over N, H and W: per image, then per thread, then over the
-// threads in their order (the same bits on every run with the same threads).
+// outputs that reach it), then through the LRN and ReLU.
 template <int kTaps, typename T>
-void Backward(const Params& p, const T* xs, const float* bias, const uint8_t* args,
-              const T* dys, T* dxs, float* db) {
+void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T* dxs) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  // Whole vectors and one more (a tower's last vector may start mid-vector).
-  const int64_t padded = (c + Lanes::kWidth - 1) / Lanes::kWidth * Lanes::kWidth + Lanes::kWidth;
-  std::vector<Aligned> sums(omp_get_max_threads(), Aligned(padded, 0.0f));
 #pragma omp parallel
   {
-    Aligned g(padded), image_db(padded);  // one pixel's gradient; one image's db
-    float* thread_db = sums[omp_get_thread_num()].data();
+    // The gradient reaching one pixel's pooling input, in whole vectors and one
+    // more (a tower's last vector may start mid-vector).
+    Aligned g((c + Lanes::kWidth - 1) / Lanes::kWidth * Lanes::kWidth + Lanes::kWidth);
     Lrn<kTaps> lrn(p);
     const Reach down(p.h, p.pad_top, p.window, p.stride, p.oh);
     const Reach across(p.w, p.pad_left, p.window, p.stride, p.ow);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
-      std::fill(image_db.begin(), image_db.end(), 0.0f);
       for (int64_t i = 0; i < p.h; ++i) {
         for (int64_t j = 0; j < p.w; ++j) {
           const int64_t at = n * image + (i * p.w + j) * c;
           PoolGradient(p, dys + n * pooled, args + n * pooled, i, j, down.first[i],
                        down.last[i], across.first[j], across.last[j], g.data());
           if (p.size) {
-            lrn.template Backward<kFloat>(xs + at, bias, g.data(), dxs + at, image_db.data());
+            lrn.template Backward<kFloat>(xs + at, g.data(), dxs + at);
           } else {
             for (int64_t ch = 0; ch < c; ch += Lanes::kWidth) {
               const auto m = Lanes::Mask(c - ch);
-              const auto v = Lanes::Add(Lanes::Load(xs + at + ch, m), Lanes::LoadPlain(bias + ch, m));
-              const auto d = Lanes::IfPositive(v, Lanes::LoadAt(g.data() + ch));
-              Put<kFloat>(dxs + at + ch, d, m);
-              Lanes::StoreAt(image_db.data() + ch, Lanes::Add(Lanes::LoadAt(image_db.data() + ch), d));
+              const auto xi = Lanes::Load(xs + at + ch, m);
+              Put<kFloat>(dxs + at + ch, Lanes::IfPositive(xi, Lanes::LoadAt(g.data() + ch)), m);
             }
           }
         }
       }
-      for (int64_t ch = 0; ch < c; ++ch) thread_db[ch] += image_db[ch];
     }
 #ifdef ALEXNET_AVX512
     _mm_sfence();
 #endif
   }
-  std::fill(db, db + c, 0.0f);
-  for (const Aligned& part : sums)
-    for (int64_t ch = 0; ch < c; ++ch) db[ch] += part[ch];
 }
 
 // The element type shared by the activations, or an error.
@@ -625,22 +596,13 @@ std::optional<ffi::DataType> Floating(std::initializer_list<ffi::DataType> types
 
 const char kTypeError[] = "relu_lrn_pool: activations must all be float32 or all bfloat16";
 
-// The bias added to x, one float32 per channel.
-ffi::Error CheckBias(const Params& p, ffi::Buffer<ffi::F32> bias) {
-  if (bias.element_count() != static_cast<size_t>(p.c))
-    return ffi::Error::InvalidArgument("relu_lrn_pool: the bias needs one value per channel");
-  return ffi::Error::Success();
-}
-
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::AnyBuffer> y,
+ffi::Error Fwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
                ffi::ResultBuffer<ffi::U8> arg, int64_t size, int64_t towers,
                int64_t window, int64_t stride, int64_t pad_top,
                int64_t pad_left, float k, float scale, float beta) {
   const Params p = Read(x.dimensions(), y->dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
-  if (auto e = CheckBias(p, bias); e.failure()) return e;
-  const float* b = bias.typed_data();
   const auto type = Floating({x.element_type(), y->element_type()});
   if (!type) return ffi::Error::InvalidArgument(kTypeError);
   std::lock_guard<std::mutex> running(alexnet::ExecMutex());
@@ -648,26 +610,22 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> bias, ffi::Result<ffi::An
   if (*type == ffi::DataType::F32) {
     auto* xs = static_cast<const float*>(x.untyped_data());
     auto* ys = static_cast<float*>(y->untyped_data());
-    (p.size == 5 ? Forward<5, float> : Forward<0, float>)(p, xs, b, ys, a);
+    (p.size == 5 ? Forward<5, float> : Forward<0, float>)(p, xs, ys, a);
   } else {
     auto* xs = static_cast<const Bf16*>(x.untyped_data());
     auto* ys = static_cast<Bf16*>(y->untyped_data());
-    (p.size == 5 ? Forward<5, Bf16> : Forward<0, Bf16>)(p, xs, b, ys, a);
+    (p.size == 5 ? Forward<5, Bf16> : Forward<0, Bf16>)(p, xs, ys, a);
   }
   return ffi::Error::Success();
 }
 
-ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U8> arg,
-               ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dx,
-               ffi::ResultBuffer<ffi::F32> db, int64_t size, int64_t towers,
+ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
+               ffi::Result<ffi::AnyBuffer> dx, int64_t size, int64_t towers,
                int64_t window, int64_t stride, int64_t pad_top,
                int64_t pad_left, float k, float scale, float beta) {
   const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
-  if (auto e = CheckBias(p, bias); e.failure()) return e;
-  const float* b = bias.typed_data();
-  float* dbs = db->typed_data();
   const auto type = Floating({x.element_type(), dy.element_type(), dx->element_type()});
   if (!type) return ffi::Error::InvalidArgument(kTypeError);
   std::lock_guard<std::mutex> running(alexnet::ExecMutex());
@@ -676,12 +634,12 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::F32> bias, ffi::Buffer<ffi::U8
     auto* xs = static_cast<const float*>(x.untyped_data());
     auto* dys = static_cast<const float*>(dy.untyped_data());
     auto* dxs = static_cast<float*>(dx->untyped_data());
-    (p.size == 5 ? Backward<5, float> : Backward<0, float>)(p, xs, b, a, dys, dxs, dbs);
+    (p.size == 5 ? Backward<5, float> : Backward<0, float>)(p, xs, a, dys, dxs);
   } else {
     auto* xs = static_cast<const Bf16*>(x.untyped_data());
     auto* dys = static_cast<const Bf16*>(dy.untyped_data());
     auto* dxs = static_cast<Bf16*>(dx->untyped_data());
-    (p.size == 5 ? Backward<5, Bf16> : Backward<0, Bf16>)(p, xs, b, a, dys, dxs, dbs);
+    (p.size == 5 ? Backward<5, Bf16> : Backward<0, Bf16>)(p, xs, a, dys, dxs);
   }
   return ffi::Error::Success();
 }
@@ -705,15 +663,12 @@ extern "C" int alexnet_relu_lrn_pool_lanes() { return static_cast<int>(Lanes::kW
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_fwd, Fwd,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::U8>>() ALEXNET_POOL_ATTRS);
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_bwd, Bwd,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_POOL_ATTRS);
+                                  .Ret<ffi::AnyBuffer>() ALEXNET_POOL_ATTRS);
