@@ -14,7 +14,8 @@ on devices, and a checkpoint is portable between layouts.
 On the CPU (`conv_impl` 'auto' or 'onednn') the convolutions are oneDNN's, a
 grouped layer is one oneDNN call with feature groups on an array that holds
 both towers, and ReLU, LRN and max pooling run as one fused kernel
-(`onednn.relu_lrn_pool`). With XLA's convolutions (GPUs, `conv_impl='xla'`),
+(`onednn.relu_lrn_pool`), whose backward pass also sums the bias gradient of
+the convolution before it (`onednn.conv_relu_lrn_pool`). With XLA's convolutions (GPUs, `conv_impl='xla'`),
 whose `feature_group_count=2` is several times slower on CPU than two ordinary
 convolutions, each tower is one convolution of its own array and the towers
 stay separate arrays between layers (see `TowerConv`). Two more CPU-driven
@@ -270,16 +271,24 @@ def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
 
 
 def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto', groups: int = 1,
-              bias: jax.Array | None = None):
+              bias: jax.Array | None = None, then_pool: dict | None = None):
   """A convolution in the NHWC / HWIO layout used throughout, plus `bias`.
 
   On the CPU it runs on oneDNN's kernels (`onednn.conv_nhwc`, which add the
   bias themselves) unless `impl` is 'xla'; see `uses_onednn`. `groups` is
-  XLA's `feature_group_count`.
+  XLA's `feature_group_count`. `then_pool`, on oneDNN's path only: the
+  keyword arguments of the `onednn.relu_lrn_pool` that follows, run with the
+  convolution as one `onednn.conv_relu_lrn_pool` (whose fused kernel also
+  sums the bias's gradient); the result is then the pooled map.
   """
   if uses_onednn(impl, x.dtype):
-    return onednn.conv_nhwc(x, kernel, stride, padding, groups,
-                            bias=None if bias is None else bias.astype(x.dtype))
+    bias = None if bias is None else bias.astype(x.dtype)
+    if then_pool is not None:
+      return onednn.conv_relu_lrn_pool(x, kernel, bias, stride, padding, groups, then_pool)
+    return onednn.conv_nhwc(x, kernel, stride, padding, groups, bias=bias)
+  if then_pool is not None:
+    raise ValueError("then_pool is for oneDNN's convolutions; "
+                     'apply AlexNet.relu_lrn_pool to the output instead')
   y = jax.lax.conv_general_dilated(
       x, kernel, window_strides=(stride, stride), padding=padding,
       dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=groups)
@@ -300,7 +309,9 @@ class TowerConv(nn.Module):
   - oneDNN (the CPU default): one array with all towers. oneDNN's grouped
     convolutions are as fast as separate ones, and every ReLU, LRN and pool
     is then one loop over both towers, as in the single-tower network. The
-    bias is added by the convolution's own kernels.
+    bias is added by the convolution's own kernels. With `then_pool` (see
+    `conv_nhwc`) the ReLU, LRN and pool that follow run with it, and the
+    result is the pooled map.
   - XLA: one array per tower, each convolved on its own. XLA's grouped
     convolutions are several times slower than separate ones, and towers
     kept as separate arrays, as the two GPUs of the paper keep them, are
@@ -318,6 +329,7 @@ class TowerConv(nn.Module):
   init_std: float = 0.01
   dtype: Dtype = jnp.float32
   conv_impl: str = 'auto'  # see `uses_onednn`
+  then_pool: dict | None = None  # oneDNN's path only: see `conv_nhwc`
 
   @nn.compact
   def __call__(self, xs: jax.Array | Sequence[jax.Array]) -> list[jax.Array]:
@@ -342,7 +354,10 @@ class TowerConv(nn.Module):
                              impl=self.conv_impl)
     join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
     if uses_onednn(self.conv_impl, self.dtype):
-      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias)]
+      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias,
+                   then_pool=self.then_pool)]
+    if self.then_pool is not None:
+      raise ValueError(f"{self.name}: then_pool is for oneDNN's convolutions")
     if self.grouped:
       if len(xs) == 1:
         xs = jnp.split(xs[0], towers, axis=-1)
@@ -381,14 +396,35 @@ class AlexNet(nn.Module):
   conv_impl: str = 'auto'  # 'auto' | 'xla' | 'onednn': see `uses_onednn`
 
   def _conv(self, i: int, grouped: bool, bias: float, stride: int = 1,
-            padding: Any = None):
+            padding: Any = None, then_pool: dict | None = None):
     k = self.kernel_sizes[i]
     return TowerConv(
         features=self.features[i], kernel_size=k, stride=stride,
         padding=k // 2 if padding is None else padding, towers=self.towers,
         grouped=grouped, bias_init_value=bias, weight_init=self.weight_init,
         init_std=self.init_std, dtype=self.dtype, conv_impl=self.conv_impl,
-        name=f'conv{i + 1}')
+        then_pool=then_pool, name=f'conv{i + 1}')
+
+  def conv_block(self, xs, i: int, grouped: bool, bias: float, lrn: bool,
+                 **conv_args) -> list[jax.Array]:
+    """relu_lrn_pool(conv_i(xs)) for each array of towers.
+
+    On oneDNN's path as one op per array (`onednn.conv_relu_lrn_pool`): the
+    fused kernel's backward pass also sums the conv bias's gradient, which
+    XLA would otherwise reduce from the map in a pass of its own.
+    """
+    if uses_onednn(self.conv_impl, self.dtype):
+      pool = self.pool_args(lrn, towers=self.towers)
+      return self._conv(i, grouped, bias, then_pool=pool, **conv_args)(xs)
+    ys = self._conv(i, grouped, bias, **conv_args)(xs)
+    return [self.relu_lrn_pool(y, lrn, self.towers // len(ys)) for y in ys]
+
+  def pool_args(self, lrn: bool, towers: int) -> dict:
+    """`onednn.relu_lrn_pool`'s keyword arguments for `relu_lrn_pool`."""
+    scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
+    params = dict(size=self.lrn_size, k=self.lrn_k, scale=scale, beta=self.lrn_beta)
+    return dict(window=self.pool_window, stride=self.pool_stride, padding=self.pool_padding,
+                lrn=params if lrn and self.use_lrn else None, towers=towers)
 
   def relu_lrn_pool(self, x: jax.Array, lrn: bool, towers: int) -> jax.Array:
     """pool(lrn(relu(x))), or pool(relu(x)) with lrn=False, for one array.
@@ -397,13 +433,10 @@ class AlexNet(nn.Module):
     as each GPU did in the paper. On oneDNN's path the three run fused
     (`onednn.relu_lrn_pool`). Uses no parameters (`parallel` calls it too).
     """
+    if uses_onednn(self.conv_impl, x.dtype):
+      return onednn.relu_lrn_pool(x, **self.pool_args(lrn, towers))
     lrn = lrn and self.use_lrn
     w, s, pad = self.pool_window, self.pool_stride, self.pool_padding
-    if uses_onednn(self.conv_impl, x.dtype):
-      scale = self.lrn_alpha / self.lrn_size if self.lrn_alpha_over_size else self.lrn_alpha
-      params = dict(size=self.lrn_size, k=self.lrn_k, scale=scale, beta=self.lrn_beta)
-      return onednn.relu_lrn_pool(x, window=w, stride=s, padding=pad,
-                                  lrn=params if lrn else None, towers=towers)
     x = nn.relu(x)
     if lrn:
       x = local_response_norm(x, size=self.lrn_size, k=self.lrn_k, alpha=self.lrn_alpha,
@@ -416,17 +449,14 @@ class AlexNet(nn.Module):
     # Activations are lists of arrays holding the towers side by side (see
     # TowerConv).
     each = lambda f, xs: [f(x) for x in xs]
-    relu_lrn_pool = lambda xs, lrn: [self.relu_lrn_pool(x, lrn, self.towers // len(xs))
-                                     for x in xs]
     # Biases of conv2, conv4, conv5 and the hidden FC layers start at 1 so
     # that the ReLUs receive positive inputs early on (section 5).
-    xs = self._conv(0, grouped=False, bias=0.0, stride=self.conv1_stride,
-                    padding=self.conv1_padding)(images_BHWC)
-    xs = relu_lrn_pool(xs, lrn=True)
-    xs = relu_lrn_pool(self._conv(1, grouped=True, bias=1.0)(xs), lrn=True)
+    xs = self.conv_block(images_BHWC, 0, grouped=False, bias=0.0, lrn=True,
+                         stride=self.conv1_stride, padding=self.conv1_padding)
+    xs = self.conv_block(xs, 1, grouped=True, bias=1.0, lrn=True)
     xs = each(nn.relu, self._conv(2, grouped=False, bias=0.0)(xs))
     xs = each(nn.relu, self._conv(3, grouped=True, bias=1.0)(xs))
-    xs = relu_lrn_pool(self._conv(4, grouped=True, bias=1.0)(xs), lrn=False)
+    xs = self.conv_block(xs, 4, grouped=True, bias=1.0, lrn=False)
     # Side by side before flattening: fc6's kernel rows follow the canonical
     # (h, w, c) order of the single-array network.
     x = xs[0] if len(xs) == 1 else jnp.concatenate(xs, axis=-1)

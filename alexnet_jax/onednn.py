@@ -48,7 +48,8 @@ SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
                 for f in ('onednn_conv.cc', 'relu_lrn_pool.cc', 'after_all.cc', 'momentum.cc'))
 HEADER = pathlib.Path('/usr/include/oneapi/dnnl/dnnl.hpp')
 TARGETS = ('onednn_conv_fwd', 'onednn_conv_fwd_bias', 'onednn_conv_bwd_data',
-           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd', 'after_all',
+           'onednn_conv_bwd_weights', 'relu_lrn_pool_fwd', 'relu_lrn_pool_bwd',
+           'relu_lrn_pool_bwd_bias', 'after_all',
            'momentum_update')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
@@ -261,12 +262,16 @@ def _call(target, result_shape, dtype, operands, stride, pads, groups):
           pad_right=np.int64(pr), groups=np.int64(groups))
 
 
+def _out_shape(x_shape, w_shape, stride, pads) -> tuple[int, ...]:
+  n, h, w, _ = x_shape
+  kh, kw, _, o = w_shape
+  (pt, pb), (pl, pr) = pads
+  return n, (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1, o
+
+
 def _forward(x, w, stride, pads, groups, bias=None):
   """The forward convolution's custom call (adding `bias` if given)."""
-  n, h, wd, _ = x.shape
-  kh, kw, _, o = w.shape
-  (pt, pb), (pl, pr) = pads
-  shape = (n, (h + pt + pb - kh) // stride + 1, (wd + pl + pr - kw) // stride + 1, o)
+  shape = _out_shape(x.shape, w.shape, stride, pads)
   if bias is None:
     return _call('fwd', shape, x.dtype, (x, w), stride, pads, groups)
   return _call('fwd_bias', shape, x.dtype, (x, w, bias), stride, pads, groups)
@@ -319,7 +324,9 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 # and write y once more). Its gradient, the sum of dy over N, H and W, is XLA's
 # (`models.sum_to_last_axis`): oneDNN 2.6 computes it inside the kernel
 # gradient's call, but slower (conv1's kernel gradient at batch 64 took 43
-# against 35 ms with it), and the whole step was 1.5% slower.
+# against 35 ms with it), and the whole step was 1.5% slower. Followed by
+# `relu_lrn_pool`, the fused kernel's backward pass sums it instead
+# (`conv_relu_lrn_pool`).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
 def _conv_bias(x, w, b, stride, pads, groups):
   return _forward(x, w, stride, pads, groups, b)
@@ -339,15 +346,8 @@ def _conv_bias_bwd(stride, pads, groups, res, dy):
 _conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
 
 
-def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
-              groups: int = 1, bias: jax.Array | None = None) -> jax.Array:
-  """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only), plus `bias`.
-
-  x, kernel and bias (one value per output channel, optional) must share a
-  dtype, float32 or bfloat16; padding is 'SAME', 'VALID' or ((top, bottom),
-  (left, right)); `groups` is XLA's `feature_group_count` (the kernel's I axis
-  holds C / groups channels).
-  """
+def _conv_pads(x, kernel, stride, padding, groups, bias) -> tuple[tuple[int, int], ...]:
+  """The explicit pads of `conv_nhwc`'s convolution, after checking its operands."""
   load()
   if (x.dtype != kernel.dtype or x.dtype not in (np.float32, jax.numpy.bfloat16)
       or (bias is not None and bias.dtype != x.dtype)):
@@ -361,7 +361,19 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
     raise ValueError(f'input has {x.shape[-1]} channels and the kernel {kernel.shape[2]} '
                      f'inputs and {kernel.shape[3]} outputs per group: they do not '
                      f'make {groups} groups')
-  pads = explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
+  return explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
+
+
+def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
+              groups: int = 1, bias: jax.Array | None = None) -> jax.Array:
+  """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only), plus `bias`.
+
+  x, kernel and bias (one value per output channel, optional) must share a
+  dtype, float32 or bfloat16; padding is 'SAME', 'VALID' or ((top, bottom),
+  (left, right)); `groups` is XLA's `feature_group_count` (the kernel's I axis
+  holds C / groups channels).
+  """
+  pads = _conv_pads(x, kernel, stride, padding, groups, bias)
   if bias is None:
     return _conv(x, kernel, int(stride), pads, int(groups))
   return _conv_bias(x, kernel, bias, int(stride), pads, int(groups))
@@ -400,6 +412,57 @@ def _relu_lrn_pool_bwd(y_shape, attrs, res, dy):
 _relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
 
 
+# A convolution with its bias, then ReLU, LRN and pooling: the bias is added
+# by oneDNN's forward kernels, and its gradient summed by the fused kernel's
+# backward pass as it writes dx (XLA's separate reduction over the map, run
+# beside oneDNN's calls and competing with them for the cores, is gone).
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
+def _conv_relu_lrn_pool(x, w, b, stride, pads, groups, y_shape, attrs):
+  return _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, y_shape, attrs)[0]
+
+
+def _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, y_shape, attrs):
+  a = _forward(x, w, stride, pads, groups, b)
+  y, (_, arg) = _relu_lrn_pool_fwd(a, y_shape, attrs)
+  return y, (x, w, b, a, arg)
+
+
+def _conv_relu_lrn_pool_bwd(stride, pads, groups, y_shape, attrs, res, dy):
+  del y_shape
+  x, w, b, a, arg = res
+  da, db = jax.ffi.ffi_call(
+      'alexnet_relu_lrn_pool_bwd_bias',
+      (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, np.float32)),
+      vmap_method='sequential')(a, arg, dy, **dict(attrs))
+  dx, dw = _conv_bwd(stride, pads, groups, (x, w), da)
+  return dx, dw, db.astype(b.dtype)
+
+
+_conv_relu_lrn_pool.defvjp(_conv_relu_lrn_pool_fwd, _conv_relu_lrn_pool_bwd)
+
+
+def _pool_attrs(x_shape, dtype, window, stride, padding, lrn, towers):
+  """(y_shape, attrs) of `relu_lrn_pool`'s custom calls, after checking them."""
+  load()
+  if dtype not in (np.float32, jax.numpy.bfloat16) or len(x_shape) != 4:
+    raise TypeError(f'relu_lrn_pool takes NHWC float32 or bfloat16, got {dtype}'
+                    f'{list(x_shape)}')
+  if x_shape[-1] % towers or window * window > 256:
+    raise ValueError(f'{x_shape[-1]} channels in {towers} towers, window {window}: '
+                     'channels must split evenly and windows hold at most 256 taps')
+  n, h, w, c = x_shape
+  pt, pb = pool_pads(h, window, stride, padding)
+  pl, pr = pool_pads(w, window, stride, padding)
+  y_shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
+  lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
+  attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
+           ('window', np.int64(window)), ('stride', np.int64(stride)),
+           ('pad_top', np.int64(pt)), ('pad_left', np.int64(pl)),
+           ('k', np.float32(lrn['k'])), ('scale', np.float32(lrn['scale'])),
+           ('beta', np.float32(lrn['beta'])))
+  return y_shape, attrs
+
+
 def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VALID',
                   lrn: dict | None = None, towers: int = 1) -> jax.Array:
   """`max_pool(local_response_norm(relu(x)))` of `models`, fused (CPU).
@@ -414,24 +477,30 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
   `models.max_pool` (ties: the first maximum in row-major order; a NaN is
   a maximum, and passes on, as in XLA).
   """
-  load()
-  if x.dtype not in (np.float32, jax.numpy.bfloat16) or x.ndim != 4:
-    raise TypeError(f'relu_lrn_pool takes NHWC float32 or bfloat16, got {x.dtype}'
-                    f'{list(x.shape)}')
-  if x.shape[-1] % towers or window * window > 256:
-    raise ValueError(f'{x.shape[-1]} channels in {towers} towers, window {window}: '
-                     'channels must split evenly and windows hold at most 256 taps')
-  n, h, w, c = x.shape
-  pt, pb = pool_pads(h, window, stride, padding)
-  pl, pr = pool_pads(w, window, stride, padding)
-  y_shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
-  lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
-  attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
-           ('window', np.int64(window)), ('stride', np.int64(stride)),
-           ('pad_top', np.int64(pt)), ('pad_left', np.int64(pl)),
-           ('k', np.float32(lrn['k'])), ('scale', np.float32(lrn['scale'])),
-           ('beta', np.float32(lrn['beta'])))
+  y_shape, attrs = _pool_attrs(x.shape, x.dtype, window, stride, padding, lrn, towers)
   return _relu_lrn_pool(x, y_shape, attrs)
+
+
+def conv_relu_lrn_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
+                       padding, groups: int, pool: dict) -> jax.Array:
+  """`relu_lrn_pool(conv_nhwc(x, kernel, stride, padding, groups, bias), **pool)`.
+
+  The same values and gradients as the two calls, but the bias's gradient is
+  summed by the fused kernel's backward pass as it writes the gradient of the
+  convolution's output: in float32 (a bfloat16 gradient as rounded), in a
+  fixed order (per image, then per thread, then over the threads).
+  """
+  if bias is None:
+    raise ValueError("conv_relu_lrn_pool needs the convolution's bias")
+  pads = _conv_pads(x, kernel, stride, padding, groups, bias)
+  pool = dict(pool)
+  y_shape, attrs = _pool_attrs(_out_shape(x.shape, kernel.shape, stride, pads), x.dtype,
+                               pool.pop('window'), pool.pop('stride'),
+                               pool.pop('padding', 'VALID'), pool.pop('lrn', None),
+                               pool.pop('towers', 1))
+  if pool:
+    raise TypeError(f'unknown relu_lrn_pool arguments {sorted(pool)}')
+  return _conv_relu_lrn_pool(x, kernel, bias, int(stride), pads, int(groups), y_shape, attrs)
 
 
 def main():

@@ -214,17 +214,20 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     raise ValueError(f'model has {model.towers} towers, layout {layout.towers}')
   p, dt = tower_params, model.dtype
 
-  def conv(name, x, i, stride=1, padding=None):
+  def conv(name, x, i, stride=1, padding=None, then_pool=None):
     k = model.kernel_sizes[i]
     pad = k // 2 if padding is None else padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
     return models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad,
-                            model.conv_impl, bias=p[name]['bias'])
+                            model.conv_impl, bias=p[name]['bias'], then_pool=then_pool)
 
-  # A tower's maps are exactly one normalisation block of the canonical
-  # network, whose windows never cross towers.
-  relu_lrn_pool = functools.partial(model.relu_lrn_pool, towers=1)
+  def conv_block(name, x, i, lrn, **conv_args):
+    # As `AlexNet.conv_block`. A tower's maps are exactly one normalisation
+    # block of the canonical network, whose windows never cross towers.
+    if models.uses_onednn(model.conv_impl, dt):
+      return conv(name, x, i, then_pool=model.pool_args(lrn, towers=1), **conv_args)
+    return model.relu_lrn_pool(conv(name, x, i, **conv_args), lrn, towers=1)
 
   def dense(name, x):
     return x.astype(dt) @ p[name]['kernel'].astype(dt) + p[name]['bias'].astype(dt)
@@ -238,13 +241,12 @@ def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
     keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
-  x = conv('conv1', images_BHWC, 0, stride=model.conv1_stride,
-           padding=model.conv1_padding)
-  x = relu_lrn_pool(x, lrn=True)
-  x = relu_lrn_pool(conv('conv2', x, 1), lrn=True)
+  x = conv_block('conv1', images_BHWC, 0, lrn=True, stride=model.conv1_stride,
+                 padding=model.conv1_padding)
+  x = conv_block('conv2', x, 1, lrn=True)
   x = nn.relu(conv('conv3', _gather_towers(x, layout), 2))  # exchange 1
   x = nn.relu(conv('conv4', x, 3))
-  x = relu_lrn_pool(conv('conv5', x, 4), lrn=False)
+  x = conv_block('conv5', x, 4, lrn=False)
   # Gathered before flattening, so the features are in the canonical
   # (h, w, c) order that fc6's kernel rows follow.
   x = _gather_towers(x, layout)  # exchange 2

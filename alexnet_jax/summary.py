@@ -39,8 +39,9 @@ def layer_table(config) -> list[dict]:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top
 
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
-                              config.conv_impl)
+  # XLA's convolutions: on oneDNN's path conv1, conv2 and conv5 return their
+  # pooled maps (`TowerConv.then_pool`); shapes and parameters are the same.
+  model = models.create_model(config.model, config.dataset.num_classes, config.dtype, 'xla')
   size = config.dataset.image_size
   x = jnp.zeros((1, size, size, len(config.dataset.mean)), jnp.float32)
 

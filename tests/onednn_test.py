@@ -194,6 +194,11 @@ def test_model_gradients_match_between_oneDNN_and_xla():
   # pool after conv5.
   assert hlo.count('alexnet_onednn_conv_fwd_bias') == 5 and hlo.count('groups = 2 : i64') == 3
   assert hlo.count('alexnet_relu_lrn_pool_fwd') == 3 and hlo.count('size = 5 : i64') == 2
+  # Backward, the fused kernel sums the bias gradients of conv1, conv2 and conv5.
+  hlo = jax.jit(jax.grad(lambda p: model.apply({'params': p}, images, train=False).sum())
+                ).lower(params).as_text()
+  assert hlo.count('alexnet_relu_lrn_pool_bwd_bias') == 3
+  assert 'alexnet_relu_lrn_pool_bwd"' not in hlo
   model = models.create_model(config.model, 10, conv_impl='xla')
   hlo = jax.jit(lambda p: model.apply({'params': p}, images, train=False)).lower(params).as_text()
   assert 'alexnet_onednn' not in hlo and hlo.count('stablehlo.convolution') == 8
@@ -351,6 +356,88 @@ def test_fused_relu_pool_bfloat16_gradient_is_the_float32_sum_rounded_once():
                                 np.asarray(want.astype(jnp.bfloat16)).view(np.uint16))
 
 
+# (x NHWC, kernel HWIO, conv stride, conv padding, groups, lrn, towers): conv1
+# of the paper (48-channel towers), conv2 and conv5 (grouped), 20-channel
+# towers (vectors that start mid-tower), and SAME pooling; batches of 5, so
+# that each thread sums several images.
+CONV_POOL_CASES = [
+    ((5, 39, 39, 3), (11, 11, 3, 96), 4, 'VALID', 1, PAPER_LRN, 2, 'VALID'),
+    ((5, 13, 13, 32), (5, 5, 16, 64), 1, 'SAME', 2, PAPER_LRN, 2, 'VALID'),
+    ((5, 13, 13, 48), (3, 3, 24, 32), 1, 'SAME', 2, None, 2, 'VALID'),
+    ((5, 11, 11, 40), (3, 3, 20, 40), 1, 'SAME', 2, dict(PAPER_LRN, scale=1e-2), 2, 'SAME'),
+]
+
+
+def _conv_pool_operands(case, dtype):
+  x_shape, w_shape, *_ = case
+  kx, kw, kb = jax.random.split(jax.random.key(12), 3)
+  x = jax.random.normal(kx, x_shape).astype(dtype)
+  w = (jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))).astype(dtype)
+  b = (jax.random.normal(kb, w_shape[3:]) * 0.5 + 0.2).astype(dtype)
+  return x, w, b
+
+
+def _conv_pool(case, fused):
+  _, _, stride, padding, groups, lrn, towers, pool_padding = case
+  pool = dict(window=3, stride=2, padding=pool_padding, lrn=lrn, towers=towers)
+  conv = lambda x, w, b: onednn.conv_nhwc(x, w, stride, padding, groups, bias=b)  # noqa: E731
+  if fused:
+    return lambda x, w, b: onednn.conv_relu_lrn_pool(x, w, b, stride, padding, groups, pool)
+  return conv, lambda a: onednn.relu_lrn_pool(a, **pool)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize('case', CONV_POOL_CASES)
+def test_conv_relu_lrn_pool_gives_the_two_calls_values_and_gradients(case, dtype):
+  x, w, b = _conv_pool_operands(case, dtype)
+
+  def values_and_grads(f):
+    y, vjp = jax.vjp(f, x, w, b)
+    return (y,) + vjp(jax.random.normal(jax.random.key(13), y.shape).astype(dtype))
+
+  conv, pool = _conv_pool(case, fused=False)
+  got = jax.jit(lambda: values_and_grads(_conv_pool(case, fused=True)))()
+  want = jax.jit(lambda: values_and_grads(lambda *a: pool(conv(*a))))()
+  # The same kernels: y, dx and dw bit for bit.
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    assert g.dtype == r.dtype == dtype, name
+    np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(r, np.float32),
+                                  err_msg=name)
+  # db: float32 sums of the same values in another order (then rounded to
+  # the bias's dtype, one bfloat16 step at most).
+  assert got[3].dtype == dtype
+  tol = 2 ** -8 if dtype == jnp.bfloat16 else 1e-6
+  np.testing.assert_allclose(np.asarray(got[3], np.float32), np.asarray(want[3], np.float32),
+                             rtol=tol, atol=tol * float(jnp.max(jnp.abs(want[3]))))
+
+
+@pytest.mark.parametrize('case', CONV_POOL_CASES)
+def test_fused_bias_gradient_is_the_sum_of_the_map_gradient_and_repeats(case):
+  x, w, b = _conv_pool_operands(case, jnp.float32)
+  y, vjp = jax.vjp(_conv_pool(case, fused=True), x, w, b)
+  dy = jax.random.normal(jax.random.key(14), y.shape)
+  db = np.asarray(vjp(dy)[2])
+  # The gradient reaching the convolution's output, from the unfused kernel.
+  conv, pool = _conv_pool(case, fused=False)
+  da = np.asarray(jax.vjp(pool, conv(x, w, b))[1](dy)[0], np.float64)
+  want = da.sum(axis=(0, 1, 2))
+  assert np.count_nonzero(want) == want.size  # every channel gets a gradient
+  np.testing.assert_allclose(db, want, rtol=1e-5, atol=1e-6 * np.abs(da).sum(axis=(0, 1, 2)).max())
+  again = np.asarray(jax.vjp(_conv_pool(case, fused=True), x, w, b)[1](dy)[2])
+  np.testing.assert_array_equal(db.view(np.uint32), again.view(np.uint32))
+
+
+def test_conv_relu_lrn_pool_needs_a_bias_and_oneDNN():
+  x, w = jnp.zeros((1, 9, 9, 4)), jnp.zeros((3, 3, 4, 8))
+  pool = dict(window=3, stride=2)
+  with pytest.raises(ValueError, match="needs the convolution's bias"):
+    onednn.conv_relu_lrn_pool(x, w, None, 1, 'SAME', 1, pool)
+  with pytest.raises(TypeError, match="unknown relu_lrn_pool arguments \\['size'\\]"):
+    onednn.conv_relu_lrn_pool(x, w, jnp.zeros(8), 1, 'SAME', 1, dict(pool, size=5))
+  with pytest.raises(ValueError, match="then_pool is for oneDNN's convolutions"):
+    models.conv_nhwc(x, w, 1, 'SAME', impl='xla', bias=jnp.zeros(8), then_pool=pool)
+
+
 def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():
   with pytest.raises(TypeError, match='NHWC float32 or bfloat16'):
     onednn.relu_lrn_pool(jnp.zeros((1, 5, 5, 4), jnp.float16), window=3, stride=2)
@@ -397,6 +484,15 @@ def test_fused_relu_lrn_pool_portable_loops_match_xla(tmp_path):
         for name, f in (('xla', xla), ('fused', fused)):
           y, vjp = jax.vjp(f, x)
           out[f'{name}_y_{c}'], out[f'{name}_dx_{c}'] = y, vjp(y)[0]
+        # The bias gradient summed by the fused kernel, after a convolution.
+        w = jax.random.normal(jax.random.key(1), (3, 3, c, c)) / (3 * c ** 0.5)
+        b = jax.numpy.linspace(-1.0, 1.0, c)
+        pool = dict(window=3, stride=2, lrn=lrn, towers=towers)
+        convs = (('xla', lambda b: xla(models.conv_nhwc(x, w, 1, 'SAME', impl='xla') + b)),
+                 ('fused', lambda b: onednn.conv_relu_lrn_pool(x, w, b, 1, 'SAME', 1, pool)))
+        for name, f in convs:
+          y, vjp = jax.vjp(f, b)
+          out[f'{name}_db_{c}'] = vjp(y)[0]
       np.savez(sys.argv[1], **out)
   ''')
   env = dict(os.environ, ALEXNET_BUILD_DIR=str(tmp_path), CXXFLAGS='-mno-avx512f',
@@ -407,9 +503,9 @@ def test_fused_relu_lrn_pool_portable_loops_match_xla(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   got = np.load(results)
   for c in (96, 20):
-    for part in ('y', 'dx'):
+    for part, tol in (('y', 1e-6), ('dx', 1e-6), ('db', 1e-4)):  # db: after a convolution
       want = got[f'xla_{part}_{c}']
       np.testing.assert_allclose(got[f'fused_{part}_{c}'], want, rtol=0,
-                                 atol=1e-6 * np.max(np.abs(want)), err_msg=f'{part}, C={c}')
+                                 atol=tol * np.max(np.abs(want)), err_msg=f'{part}, C={c}')
   if 'avx512f' in pathlib.Path('/proc/cpuinfo').read_text():
     assert onednn.fused_lanes() == 16  # and the default build uses AVX-512

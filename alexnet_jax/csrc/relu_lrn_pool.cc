@@ -4,6 +4,9 @@
 //   alexnet_relu_lrn_pool_fwd  x -> (y, arg)   arg: the window tap (row-major,
 //                                               uint8) each maximum came from
 //   alexnet_relu_lrn_pool_bwd  (x, arg, dy) -> dx
+//   alexnet_relu_lrn_pool_bwd_bias  (x, arg, dy) -> (dx, db)   db: float32, the
+//                                 sum of dx over N, H and W (the gradient of
+//                                 the bias of the convolution that made x)
 // Each image is read once per direction, where XLA runs the three operations
 // as several loops over whole arrays and keeps the LRN's intermediates for the
 // backward pass. Forward, an image goes by output rows: the input rows an
@@ -100,9 +103,9 @@ Bf16 Narrow<Bf16>(float v) {  // round to nearest even, as XLA's convert
 // recip = 1 / d, for d > 0. Shift<k>(p), p the start of a vector in a buffer
 // padded by a vector on each side, is the vector k lanes further on (|k| < 16):
 // shifted in registers, since an unaligned load of values just stored cannot
-// be forwarded from the pending stores and waits for them. StoreAs<true>
+// be forwarded from the pending stores and waits for them. StoreOnce
 // writes values that will not be read again soon (streaming when the vector is
-// whole and aligned), StoreAs<false> as Store. Taps are the pooling's
+// whole and aligned). Taps are the pooling's
 // window taps (uint8) of the same lanes. Masked loads and stores cost more
 // than plain ones on some CPUs (AMD Zen 4) even with every lane set, and
 // cannot take values from pending stores: whole vectors take plain ones where
@@ -138,13 +141,12 @@ struct Lanes {
   // for pending stores to the same place, a whole one takes their values.
   static V LoadWhole(const float* p, M m) { return _mm512_maskz_mov_ps(m, _mm512_loadu_ps(p)); }
   static V LoadAnywhere(const float* p) { return _mm512_loadu_ps(p); }
+  static void StoreAnywhere(float* p, V v) { _mm512_storeu_ps(p, v); }
   static void StoreAt(float* p, V v) { _mm512_store_ps(p, v); }
   static void StoreOnce(float* p, V v, M m) {
     if (m == 0xffff && (reinterpret_cast<uintptr_t>(p) & 63) == 0) _mm512_stream_ps(p, v);
     else _mm512_mask_storeu_ps(p, m, v);
   }
-  template <bool kOnce>
-  static void StoreAs(float* p, V v, M m) { kOnce ? StoreOnce(p, v, m) : Store(p, v, m); }
   template <int k>
   static V Shift(const float* p) {
     static_assert(k > -16 && k < 16, "LRN windows reach at most 15 channels");
@@ -241,9 +243,9 @@ struct Lanes {
   static V LoadAt(const float* p) { return *p; }
   static V LoadWhole(const float* p, M) { return *p; }
   static V LoadAnywhere(const float* p) { return *p; }
+  static void StoreAnywhere(float* p, V v) { *p = v; }
   static void StoreAt(float* p, V v) { *p = v; }
-  template <bool kOnce>
-  static void StoreAs(float* p, V v, M) { *p = v; }
+  static void StoreOnce(float* p, V v, M) { *p = v; }
   template <int k>
   static V Shift(const float* p) { return p[k]; }
   static V Set(float v) { return v; }
@@ -273,11 +275,20 @@ struct Lanes {
 };
 #endif
 
-// Stores v as T: float32 as Lanes::StoreAs<kOnce>, bfloat16 rounded.
-template <bool kOnce>
-void Put(float* p, Lanes::V v, Lanes::M m) { Lanes::StoreAs<kOnce>(p, v, m); }
-template <bool kOnce>
-void Put(Bf16* p, Lanes::V v, Lanes::M m) { Lanes::StoreRounded(p, v, m); }
+// Stores a gradient dx = v as T: float32 around the caches where it can (the
+// convolution's gradients read dx only later), bfloat16 rounded. If db is not
+// null, also adds dx as stored to db's whole vector at the same channel
+// (lanes past m hold 0).
+template <typename T>
+void PutGradient(T* dx, float* db, Lanes::V v, Lanes::M m) {
+  if constexpr (std::is_same_v<T, float>) {
+    Lanes::StoreOnce(dx, v, m);
+  } else {
+    Lanes::StoreRounded(dx, v, m);
+    v = Lanes::Rounded(v);
+  }
+  if (db) Lanes::StoreAnywhere(db, Lanes::Add(Lanes::LoadAnywhere(db), v));
+}
 
 // The LRN of one pixel's C channels at a time, each pass over every tower
 // (more independent work in flight than one tower at a time: conv1's LRN, 3
@@ -312,10 +323,10 @@ class Lrn {
 
   // dx from x and g, the gradient of the LRN's output:
   // dr_i = g_i inv_i - 2 beta scale r_i sum_{c: i in W(c)} u_c, u_c = g_c r_c inv_c / d_c.
-  // g is readable for a whole vector past its last channel. kOnce: dx is not
-  // read again soon.
-  template <bool kOnce, typename T>
-  void Backward(const T* x, const float* g, T* dx) {
+  // g is readable for a whole vector past its last channel; db, if not null,
+  // is summed into as PutGradient does.
+  template <typename T>
+  void Backward(const T* x, const float* g, T* dx, float* db) {
     Squares(x);
     ForEachVector([&](int64_t t, int64_t j, int64_t c, typename L::M m) {
       V recip;
@@ -331,7 +342,7 @@ class Lrn {
       const V s = kTaps ? Sum<-(kTaps - 1) / 2, kTaps / 2>(u) : Sum(u, -hi_, lo_);
       const V dr = L::NegMulAdd(L::Mul(two_beta_scale, L::Max(L::Set(0.0f), xc)), s,
                                 L::LoadAt(At(ginv_, t, j)));
-      Put<kOnce>(dx + c, L::IfPositive(xc, dr), m);
+      PutGradient(dx + c, db ? db + c : nullptr, L::IfPositive(xc, dr), m);
     });
   }
 
@@ -547,41 +558,58 @@ void Forward(const Params& p, const T* xs, T* ys, uint8_t* args) {
 }
 
 // Each input pixel in turn: its gradient from the pooling (gathered from the
-// outputs that reach it), then through the LRN and ReLU.
+// outputs that reach it), then through the LRN and ReLU. db, if not null,
+// gets the sum of dx over N, H and W: per image, then per thread, then over
+// the threads in their order (the same bits on every run with as many
+// threads).
 template <int kTaps, typename T>
-void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T* dxs) {
+void Backward(const Params& p, const T* xs, const uint8_t* args, const T* dys, T* dxs,
+              float* db) {
   const int64_t c = p.c, image = p.h * p.w * c, pooled = p.oh * p.ow * c;
-  constexpr bool kFloat = std::is_same_v<T, float>;
+  // Per-channel buffers in whole vectors and one more (a tower's last vector
+  // may start mid-vector).
+  const int64_t padded = (c + Lanes::kWidth - 1) / Lanes::kWidth * Lanes::kWidth + Lanes::kWidth;
+  std::vector<Aligned> thread_dbs(db ? omp_get_max_threads() : 0, Aligned(padded, 0.0f));
 #pragma omp parallel
   {
-    // The gradient reaching one pixel's pooling input, in whole vectors and one
-    // more (a tower's last vector may start mid-vector).
-    Aligned g((c + Lanes::kWidth - 1) / Lanes::kWidth * Lanes::kWidth + Lanes::kWidth);
+    Aligned g(padded), image_db(db ? padded : 0);  // one pixel's gradient; one image's db
+    float* to = db ? image_db.data() : nullptr;
     Lrn<kTaps> lrn(p);
     const Reach down(p.h, p.pad_top, p.window, p.stride, p.oh);
     const Reach across(p.w, p.pad_left, p.window, p.stride, p.ow);
 #pragma omp for schedule(static)
     for (int64_t n = 0; n < p.n; ++n) {
+      std::fill(image_db.begin(), image_db.end(), 0.0f);
       for (int64_t i = 0; i < p.h; ++i) {
         for (int64_t j = 0; j < p.w; ++j) {
           const int64_t at = n * image + (i * p.w + j) * c;
           PoolGradient(p, dys + n * pooled, args + n * pooled, i, j, down.first[i],
                        down.last[i], across.first[j], across.last[j], g.data());
           if (p.size) {
-            lrn.template Backward<kFloat>(xs + at, g.data(), dxs + at);
+            lrn.Backward(xs + at, g.data(), dxs + at, to);
           } else {
             for (int64_t ch = 0; ch < c; ch += Lanes::kWidth) {
               const auto m = Lanes::Mask(c - ch);
               const auto xi = Lanes::Load(xs + at + ch, m);
-              Put<kFloat>(dxs + at + ch, Lanes::IfPositive(xi, Lanes::LoadAt(g.data() + ch)), m);
+              PutGradient(dxs + at + ch, to ? to + ch : nullptr,
+                          Lanes::IfPositive(xi, Lanes::LoadAt(g.data() + ch)), m);
             }
           }
         }
+      }
+      if (db) {
+        float* sum = thread_dbs[omp_get_thread_num()].data();
+        for (int64_t ch = 0; ch < c; ++ch) sum[ch] += image_db[ch];
       }
     }
 #ifdef ALEXNET_AVX512
     _mm_sfence();
 #endif
+  }
+  if (db) {
+    std::fill(db, db + c, 0.0f);
+    for (const Aligned& sum : thread_dbs)
+      for (int64_t ch = 0; ch < c; ++ch) db[ch] += sum[ch];
   }
 }
 
@@ -619,10 +647,11 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
   return ffi::Error::Success();
 }
 
-ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
-               ffi::Result<ffi::AnyBuffer> dx, int64_t size, int64_t towers,
-               int64_t window, int64_t stride, int64_t pad_top,
-               int64_t pad_left, float k, float scale, float beta) {
+// The backward pass; db (c float32 values) or nullptr.
+ffi::Error RunBwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
+                  ffi::Result<ffi::AnyBuffer> dx, float* db, int64_t size, int64_t towers,
+                  int64_t window, int64_t stride, int64_t pad_top,
+                  int64_t pad_left, float k, float scale, float beta) {
   const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
@@ -634,14 +663,32 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
     auto* xs = static_cast<const float*>(x.untyped_data());
     auto* dys = static_cast<const float*>(dy.untyped_data());
     auto* dxs = static_cast<float*>(dx->untyped_data());
-    (p.size == 5 ? Backward<5, float> : Backward<0, float>)(p, xs, a, dys, dxs);
+    (p.size == 5 ? Backward<5, float> : Backward<0, float>)(p, xs, a, dys, dxs, db);
   } else {
     auto* xs = static_cast<const Bf16*>(x.untyped_data());
     auto* dys = static_cast<const Bf16*>(dy.untyped_data());
     auto* dxs = static_cast<Bf16*>(dx->untyped_data());
-    (p.size == 5 ? Backward<5, Bf16> : Backward<0, Bf16>)(p, xs, a, dys, dxs);
+    (p.size == 5 ? Backward<5, Bf16> : Backward<0, Bf16>)(p, xs, a, dys, dxs, db);
   }
   return ffi::Error::Success();
+}
+
+ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
+               ffi::Result<ffi::AnyBuffer> dx, int64_t size, int64_t towers,
+               int64_t window, int64_t stride, int64_t pad_top,
+               int64_t pad_left, float k, float scale, float beta) {
+  return RunBwd(x, arg, dy, dx, nullptr, size, towers, window, stride, pad_top, pad_left,
+                k, scale, beta);
+}
+
+ffi::Error BwdBias(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
+                   ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> db,
+                   int64_t size, int64_t towers, int64_t window, int64_t stride,
+                   int64_t pad_top, int64_t pad_left, float k, float scale, float beta) {
+  if (db->element_count() != static_cast<size_t>(x.dimensions().back()))
+    return ffi::Error::InvalidArgument("relu_lrn_pool: db needs one value per channel");
+  return RunBwd(x, arg, dy, dx, db->typed_data(), size, towers, window, stride, pad_top,
+                pad_left, k, scale, beta);
 }
 
 }  // namespace
@@ -672,3 +719,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_bwd, Bwd,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>() ALEXNET_POOL_ATTRS);
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(alexnet_relu_lrn_pool_bwd_bias, BwdBias,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>() ALEXNET_POOL_ATTRS);
