@@ -387,9 +387,27 @@ def test_tower_comparison_interleaves_both_networks_and_reports_per_flop(monkeyp
   pairs = [a / b for a, b in zip(per_sec['two'], per_sec['one'])]
   assert r['ratio_pairs']['each'] == pytest.approx(pairs)
   assert r['ratio_pairs']['median'] == pytest.approx(sorted(pairs)[1])
+  assert r['ratio_pairs']['median_interval'] == train_step.median_interval(pairs)
   assert list(r['target'].values()) == [flops['two'] >= flops['one']]
   with pytest.raises(ValueError, match='two configs'):
     train_step.compare_towers({'two': configs['two']}, reps=1, steps=1, warmup=1)
+
+
+def test_median_interval_is_the_binomial_order_statistics_interval():
+  # n = 9: P(B(9, 1/2) <= 1) = 10 / 512 <= 2.5%, P(B <= 2) = 46 / 512 > 2.5%,
+  # so the 2nd and 8th smallest, covering 1 - 20 / 512.
+  i = train_step.median_interval([9, 1, 8, 2, 7, 3, 6, 4, 5])
+  assert (i['low'], i['high']) == (2, 8) and i['coverage'] == pytest.approx(1 - 20 / 512)
+  # n = 20: P(B(20, 1/2) <= 5) = 21700 / 2**20 = 2.07%, P(B <= 6) = 5.77%.
+  i = train_step.median_interval(range(20))
+  assert (i['low'], i['high']) == (5, 14)
+  assert i['coverage'] == pytest.approx(1 - 2 * 21700 / 2 ** 20)
+  # Too few values for 95%: the whole range, and what it covers.
+  i = train_step.median_interval([3.0, 1.0, 2.0, 5.0, 4.0])
+  assert (i['low'], i['high'], i['coverage']) == (1.0, 5.0, pytest.approx(1 - 2 / 32))
+  assert train_step.median_interval([0.97])['low'] == 0.97
+  with pytest.raises(ValueError, match='at least one'):
+    train_step.median_interval([])
 
 
 def test_tower_comparison_runs_the_real_steps(tmp_path):

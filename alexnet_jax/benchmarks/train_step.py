@@ -21,16 +21,18 @@ faster of a JAX and a PyTorch n x n GEMM timed in the same run (fp32, and
 bf16 for --config.dtype=bfloat16); memory (see `_memory`); for Fashion-MNIST
 and ImageNet the train time per epoch that the step rate gives.
 
-  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--reps=9 --steps=2]
+  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--reps=15 --steps=2]
 
 --towers_at=B times, instead, the JAX steps of configs/paper.py (two towers)
 and configs/single_tower.py at global batch B, interleaved in one process
-(`compare_towers`), and reports their achieved FLOP/s and its ratio.
+(`compare_towers`), and reports their achieved FLOP/s, its ratio, and the
+ratio of each interleaved pair with a 95% interval for its median
+(`median_interval`).
 
 --suite runs every case of SUITE (with --reps=5) and then --towers_at for
-batches 64 and 128, each in its own process (a clean memory high-water mark
-each; about 7 minutes on 2 cores), writes their JSON files beside --out and a
-table to stdout and `train_step_suite.json`. Targets: jax >= 1.0x torch
+batches 64 and 128 (15 repetitions), each in its own process (a clean memory
+high-water mark each; about 8 minutes on 2 cores), writes their JSON files
+beside --out and a table to stdout and `train_step_suite.json`. Targets: jax >= 1.0x torch
 images/s in every fp32 case; the two-tower model no slower per FLOP than the
 single-tower one, judged on the interleaved figures.
 """
@@ -49,6 +51,7 @@ xla_flags.set_cpu_defaults()  # must precede the first JAX import
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
 import json
+import math
 import platform
 import resource
 import statistics
@@ -96,7 +99,7 @@ SUITE = (
 )
 # The per-FLOP target's two networks, timed by `compare_towers`.
 TOWER_CONFIGS = ('paper', 'single_tower')
-TOWERS_REPS = 9     # repetitions of `compare_towers` in the suite
+TOWERS_REPS = 15    # repetitions of `compare_towers` in the suite (95% interval: 4th-12th pair)
 TOWERS_STEPS = 2    # steps per repetition and network
 TOWERS_WARMUP = 6   # steps; XLA's temporaries still take new memory in the first few
 TRAIN_EXAMPLES = {'fashion_mnist': 60_000, 'imagenet2012': 1_281_167}
@@ -367,6 +370,26 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
   return result
 
 
+def median_interval(values, confidence: float = 0.95) -> dict:
+  """A distribution-free confidence interval for the median of `values`.
+
+  The order statistics x_(k) <= x_(n + 1 - k), k the largest with
+  P(Binomial(n, 1/2) < k) <= (1 - confidence) / 2: the median lies between
+  them with probability `coverage` >= confidence whatever the distribution,
+  for independent samples. Below 6 values no k reaches 95%; the interval is
+  then [min, max], with its own (lower) coverage.
+  """
+  x = sorted(values)
+  n = len(x)
+  if not n:
+    raise ValueError('median_interval needs at least one value')
+  below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2 ** n  # P(B < k)
+  k = 1
+  while k + 1 <= (n + 1) // 2 and below(k + 1) <= (1 - confidence) / 2:
+    k += 1
+  return {'low': x[k - 1], 'high': x[n - k], 'coverage': 1 - 2 * below(k)}
+
+
 def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict:
   """Achieved FLOP/s of two networks' JAX steps, interleaved in one process.
 
@@ -404,7 +427,8 @@ def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict
       'images_per_sec': {k: r / flops[k] for k, r in rates.items()},
       'ratio': rates[names[0]] / rates[names[1]],
       'ratio_pairs': {'median': statistics.median(pairs), 'min': min(pairs),
-                      'max': max(pairs), 'each': pairs},
+                      'max': max(pairs), 'each': pairs,
+                      'median_interval': median_interval(pairs)},
       'samples_flops_per_sec': samples,
       'compile_sec': {k: v['compile_sec'] for k, v in info.items()},
       'target': {f'{names[0]} no slower per FLOP than {names[1]}':
@@ -431,7 +455,8 @@ def compare_towers_and_write(batch: int, out: str, **options) -> dict:
   fl, p = result['flops_per_sec'], result['ratio_pairs']
   print(f'batch {batch}: {a} {fl[a] / 1e9:.0f} GFLOP/s, {b} {fl[b] / 1e9:.0f} GFLOP/s, '
         f'ratio {result["ratio"]:.3f} (target >= 1.0); per interleaved pair '
-        f'{p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f}')
+        f'{p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f} '
+        f'({_interval(p)})')
   benchmarks.write_json(result, out)
   return result
 
@@ -461,6 +486,11 @@ def benchmark_and_write(config, name: str, out: str, **options) -> dict:
 def _default_out(config, name: str) -> str:
   return os.path.join('benchmarks_out', f'train_step_{name}_b{config.global_batch_size}'
                       f'_{config.dtype}.json')
+
+
+def _interval(pairs: dict) -> str:
+  i = pairs['median_interval']
+  return f'{100 * i["coverage"]:.0f}% interval {i["low"]:.3f}-{i["high"]:.3f}'
 
 
 def _pair_range(r: dict) -> str:
@@ -536,7 +566,8 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
   for k, t in towers.items():
     p = t['ratio_pairs']
     print(f'two-tower / single-tower FLOP/s, interleaved in one process, {k}: '
-          f'{t["ratio"]:.3f} (pairs {p["min"]:.3f}-{p["max"]:.3f})')
+          f'{t["ratio"]:.3f} (pairs {p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f}, '
+          f'{_interval(p)})')
   print('targets:', summary['targets'])
   print(f'Wrote {path}')
   return summary
