@@ -436,6 +436,16 @@ def test_conv_relu_lrn_pool_needs_a_bias_and_oneDNN():
     onednn.conv_relu_lrn_pool(x, w, jnp.zeros(8), 1, 'SAME', 1, dict(pool, size=5))
   with pytest.raises(ValueError, match="then_pool is for oneDNN's convolutions"):
     models.conv_nhwc(x, w, 1, 'SAME', impl='xla', bias=jnp.zeros(8), then_pool=pool)
+  # The custom call itself refuses a bias gradient of another length.
+  a, y = jnp.zeros((1, 9, 9, 8)), jnp.zeros((1, 4, 4, 8))
+  attrs = dict(size=np.int64(0), towers=np.int64(1), window=np.int64(3), stride=np.int64(2),
+               pad_top=np.int64(0), pad_left=np.int64(0), k=np.float32(0),
+               scale=np.float32(0), beta=np.float32(0))
+  call = jax.ffi.ffi_call('alexnet_relu_lrn_pool_bwd_bias',
+                          (jax.ShapeDtypeStruct(a.shape, a.dtype),
+                           jax.ShapeDtypeStruct((9,), jnp.float32)))
+  with pytest.raises(Exception, match='db needs one value per channel'):
+    jax.block_until_ready(call(a, jnp.zeros(y.shape, jnp.uint8), y, **attrs))
 
 
 def test_fused_relu_lrn_pool_refuses_what_it_cannot_run():

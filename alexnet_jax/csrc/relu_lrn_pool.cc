@@ -281,13 +281,13 @@ struct Lanes {
 // (lanes past m hold 0).
 template <typename T>
 void PutGradient(T* dx, float* db, Lanes::V v, Lanes::M m) {
-  if constexpr (std::is_same_v<T, float>) {
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  if constexpr (kFloat) {
     Lanes::StoreOnce(dx, v, m);
   } else {
     Lanes::StoreRounded(dx, v, m);
-    v = Lanes::Rounded(v);
   }
-  if (db) Lanes::StoreAnywhere(db, Lanes::Add(Lanes::LoadAnywhere(db), v));
+  if (db) Lanes::StoreAnywhere(db, Lanes::Add(Lanes::LoadAnywhere(db), kFloat ? v : Lanes::Rounded(v)));
 }
 
 // The LRN of one pixel's C channels at a time, each pass over every tower
@@ -647,14 +647,16 @@ ffi::Error Fwd(ffi::AnyBuffer x, ffi::Result<ffi::AnyBuffer> y,
   return ffi::Error::Success();
 }
 
-// The backward pass; db (c float32 values) or nullptr.
+// The backward pass; db (db_count float32 values, one per channel) or nullptr.
 ffi::Error RunBwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
-                  ffi::Result<ffi::AnyBuffer> dx, float* db, int64_t size, int64_t towers,
-                  int64_t window, int64_t stride, int64_t pad_top,
+                  ffi::Result<ffi::AnyBuffer> dx, float* db, size_t db_count, int64_t size,
+                  int64_t towers, int64_t window, int64_t stride, int64_t pad_top,
                   int64_t pad_left, float k, float scale, float beta) {
   const Params p = Read(x.dimensions(), dy.dimensions(), size, towers, window,
                         stride, pad_top, pad_left, k, scale, beta);
   if (auto e = Check(p); e.failure()) return e;
+  if (db && db_count != static_cast<size_t>(p.c))
+    return ffi::Error::InvalidArgument("relu_lrn_pool: db needs one value per channel");
   const auto type = Floating({x.element_type(), dy.element_type(), dx->element_type()});
   if (!type) return ffi::Error::InvalidArgument(kTypeError);
   std::lock_guard<std::mutex> running(alexnet::ExecMutex());
@@ -677,7 +679,7 @@ ffi::Error Bwd(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy,
                ffi::Result<ffi::AnyBuffer> dx, int64_t size, int64_t towers,
                int64_t window, int64_t stride, int64_t pad_top,
                int64_t pad_left, float k, float scale, float beta) {
-  return RunBwd(x, arg, dy, dx, nullptr, size, towers, window, stride, pad_top, pad_left,
+  return RunBwd(x, arg, dy, dx, nullptr, 0, size, towers, window, stride, pad_top, pad_left,
                 k, scale, beta);
 }
 
@@ -685,10 +687,8 @@ ffi::Error BwdBias(ffi::AnyBuffer x, ffi::Buffer<ffi::U8> arg, ffi::AnyBuffer dy
                    ffi::Result<ffi::AnyBuffer> dx, ffi::ResultBuffer<ffi::F32> db,
                    int64_t size, int64_t towers, int64_t window, int64_t stride,
                    int64_t pad_top, int64_t pad_left, float k, float scale, float beta) {
-  if (db->element_count() != static_cast<size_t>(x.dimensions().back()))
-    return ffi::Error::InvalidArgument("relu_lrn_pool: db needs one value per channel");
-  return RunBwd(x, arg, dy, dx, db->typed_data(), size, towers, window, stride, pad_top,
-                pad_left, k, scale, beta);
+  return RunBwd(x, arg, dy, dx, db->typed_data(), db->element_count(), size, towers, window,
+                stride, pad_top, pad_left, k, scale, beta);
 }
 
 }  // namespace
