@@ -32,9 +32,9 @@ ratio of each interleaved pair with a 95% interval for its median
 --suite runs every case of SUITE (with --reps=5) and then --towers_at for
 batches 64 and 128 (15 repetitions), each in its own process (a clean memory
 high-water mark each; about 8 minutes on 2 cores), writes their JSON files
-beside --out and a table to stdout and `train_step_suite.json`. Targets: jax >= 1.0x torch
-images/s in every fp32 case; the two-tower model no slower per FLOP than the
-single-tower one, judged on the interleaved figures.
+beside --out and a table to stdout and `train_step_suite.json`. Targets: jax
+>= 1.0x torch images/s in every fp32 case; the two-tower model no slower per
+FLOP than the single-tower one, judged on the interleaved figures.
 """
 
 from __future__ import annotations
