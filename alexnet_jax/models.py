@@ -350,14 +350,12 @@ class TowerConv(nn.Module):
     pad = self.padding
     if isinstance(pad, int):
       pad = [(pad, pad), (pad, pad)]
+    # conv_nhwc refuses then_pool on XLA's path.
     conv = functools.partial(conv_nhwc, stride=self.stride, padding=pad,
-                             impl=self.conv_impl)
+                             impl=self.conv_impl, then_pool=self.then_pool)
     join = lambda arrays: arrays[0] if len(arrays) == 1 else jnp.concatenate(arrays, -1)
     if uses_onednn(self.conv_impl, self.dtype):
-      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias,
-                   then_pool=self.then_pool)]
-    if self.then_pool is not None:
-      raise ValueError(f"{self.name}: then_pool is for oneDNN's convolutions")
+      return [conv(join(xs).astype(self.dtype), kernel, groups=groups, bias=bias)]
     if self.grouped:
       if len(xs) == 1:
         xs = jnp.split(xs[0], towers, axis=-1)

@@ -441,7 +441,10 @@ def _conv_relu_lrn_pool_bwd(stride, pads, groups, y_shape, attrs, res, dy):
 _conv_relu_lrn_pool.defvjp(_conv_relu_lrn_pool_fwd, _conv_relu_lrn_pool_bwd)
 
 
-def _pool_attrs(x_shape, dtype, window, stride, padding, lrn, towers):
+_POOL_ARGS = ('window', 'stride', 'padding', 'lrn', 'towers')  # of relu_lrn_pool
+
+
+def _pool_attrs(x_shape, dtype, window, stride, padding='VALID', lrn=None, towers=1):
   """(y_shape, attrs) of `relu_lrn_pool`'s custom calls, after checking them."""
   load()
   if dtype not in (np.float32, jax.numpy.bfloat16) or len(x_shape) != 4:
@@ -493,13 +496,11 @@ def conv_relu_lrn_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride:
   if bias is None:
     raise ValueError("conv_relu_lrn_pool needs the convolution's bias")
   pads = _conv_pads(x, kernel, stride, padding, groups, bias)
-  pool = dict(pool)
+  unknown = sorted(set(pool) - set(_POOL_ARGS))
+  if unknown:
+    raise TypeError(f'unknown relu_lrn_pool arguments {unknown}')
   y_shape, attrs = _pool_attrs(_out_shape(x.shape, kernel.shape, stride, pads), x.dtype,
-                               pool.pop('window'), pool.pop('stride'),
-                               pool.pop('padding', 'VALID'), pool.pop('lrn', None),
-                               pool.pop('towers', 1))
-  if pool:
-    raise TypeError(f'unknown relu_lrn_pool arguments {sorted(pool)}')
+                               **pool)
   return _conv_relu_lrn_pool(x, kernel, bias, int(stride), pads, int(groups), y_shape, attrs)
 
 
