@@ -389,8 +389,75 @@ def test_tower_comparison_interleaves_both_networks_and_reports_per_flop(monkeyp
   assert r['ratio_pairs']['median'] == pytest.approx(sorted(pairs)[1])
   assert r['ratio_pairs']['median_interval'] == train_step.median_interval(pairs)
   assert list(r['target'].values()) == [flops['two'] >= flops['one']]
-  with pytest.raises(ValueError, match='two configs'):
+  assert list(r['comparisons']) == ['two / one']
+  with pytest.raises(ValueError, match='at least two configs'):
     train_step.compare_towers({'two': configs['two']}, reps=1, steps=1, warmup=1)
+
+
+def test_tower_comparison_reports_every_named_pair_in_interleaved_order(monkeypatch):
+  configs = {}
+  for name, towers, lrn in (('a', 2, False), ('b', 2, True), ('c', 1, True), ('d', 1, False)):
+    c = _two_tower_small() if towers == 2 else tiny_single_tower_config()
+    c.model.lrn.enabled = lrn
+    c.global_batch_size = 4
+    configs[name] = c
+  flops = {k: train_step.train_flops_per_image(c) for k, c in configs.items()}
+  # The LRN adds no counted FLOPs; the towers change them.
+  assert flops['a'] == flops['b'] and flops['c'] == flops['d'] and flops['a'] != flops['c']
+  order = []
+  timed = {'a': [1.0, 3.0, 2.0], 'b': [2.0, 2.0, 5.0], 'c': [4.0, 1.0, 2.0], 'd': [1.0, 1.0, 4.0]}
+  seconds = {k: list(v) for k, v in timed.items()}  # seconds per step, popped in turn
+
+  def fake_runner(config, batch_size):
+    name = next(k for k, c in configs.items() if c is config)
+    return (lambda n: order.append((name, n))), {'compile_sec': 1.0}
+
+  def fake_rate(fn, n, reps=3):
+    fn()
+    return n / seconds[order[-1][0]].pop(0)
+
+  monkeypatch.setattr(train_step, '_jax_runner', fake_runner)
+  monkeypatch.setattr(train_step, '_median_rate', fake_rate)
+  monkeypatch.setattr(train_step.time, 'sleep', lambda s: None)
+  pairs = [('b', 'c'), ('a', 'd'), ('b', 'a')]
+  r = train_step.compare_towers(configs, reps=3, steps=1, warmup=1, pairs=pairs)
+  assert [n for n, _ in order[4:]] == list('abcd') + list('dcba') + list('abcd')
+  for x, y in pairs:
+    each = [flops[x] / sx / (flops[y] / sy) for sx, sy in zip(timed[x], timed[y])]
+    c = r['comparisons'][f'{x} / {y}']
+    assert c['ratio_pairs']['each'] == pytest.approx(each)
+    assert c['ratio_pairs']['median'] == pytest.approx(sorted(each)[1])
+  # Medians of the seconds: a 2, b 2, c 2, d 1.
+  assert r['comparisons']['b / c']['ratio'] == pytest.approx(flops['b'] / flops['c'])
+  assert r['comparisons']['a / d']['ratio'] == pytest.approx(flops['a'] / flops['d'] / 2)
+  assert r['comparisons']['b / a']['ratio'] == pytest.approx(1.0)
+  # The first pair is the target, at the top level too.
+  assert r['ratio'] == r['comparisons']['b / c']['ratio']
+  assert list(r['target']) == ['b no slower per FLOP than c']
+  for bad in ([('a', 'e')], [], [('a',)]):
+    with pytest.raises(ValueError, match='must name two of'):
+      train_step.compare_towers(configs, reps=1, steps=1, warmup=1, pairs=bad)
+  with pytest.raises(ValueError, match='needs `pairs`'):
+    train_step.compare_towers(configs, reps=1, steps=1, warmup=1)
+
+
+def test_tower_configs_change_only_the_lrn_for_the_controls():
+  plain, target = train_step.tower_configs(32)
+  assert list(plain) == ['paper', 'single_tower'] and target == [('paper', 'single_tower')]
+  configs, pairs = train_step.tower_configs(32, lrn_controls=True)
+  assert pairs[0] == ('paper', 'single_tower')
+  assert {n for p in pairs for n in p} == set(configs)
+  order = list(configs)
+  assert all(abs(order.index(a) - order.index(b)) <= 2 for a, b in pairs)
+  for name, config in configs.items():
+    net = 'paper' if name.startswith('paper') else 'single_tower'
+    assert config.global_batch_size == 32
+    assert config.model.lrn.enabled == (name in ('paper', 'single_tower_with_lrn'))
+    # Apart from the LRN switch, each control is its network's config.
+    other = plain[net].to_dict()
+    mine = config.to_dict()
+    other['model']['lrn'].pop('enabled'), mine['model']['lrn'].pop('enabled')
+    assert mine == other
 
 
 def test_median_interval_is_the_binomial_order_statistics_interval():

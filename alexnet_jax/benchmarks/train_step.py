@@ -21,18 +21,22 @@ faster of a JAX and a PyTorch n x n GEMM timed in the same run (fp32, and
 bf16 for --config.dtype=bfloat16); memory (see `_memory`); for Fashion-MNIST
 and ImageNet the train time per epoch that the step rate gives.
 
-  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--reps=15 --steps=2]
+  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--lrn_controls] \\
+      [--reps=15 --steps=2]
 
 --towers_at=B times, instead, the JAX steps of configs/paper.py (two towers)
 and configs/single_tower.py at global batch B, interleaved in one process
 (`compare_towers`), and reports their achieved FLOP/s, its ratio, and the
 ratio of each interleaved pair with a 95% interval for its median
-(`median_interval`).
+(`median_interval`). --lrn_controls adds the paper network without its LRN
+and the single tower with the paper's LRN, and compares the networks like for
+like as well (`tower_configs`).
 
 --suite runs every case of SUITE (with --reps=5) and then --towers_at for
-batches 64 and 128 (15 repetitions), each in its own process (a clean memory
-high-water mark each; about 8 minutes on 2 cores), writes their JSON files
-beside --out and a table to stdout and `train_step_suite.json`. Targets: jax
+batches 64 and 128 (15 repetitions, with the LRN controls), each in its own
+process (a clean memory high-water mark each; about 10 minutes on 2 cores),
+writes their JSON files beside --out and a table to stdout and
+`train_step_suite.json`. Targets: jax
 >= 1.0x torch images/s in every fp32 case; the two-tower model no slower per
 FLOP than the single-tower one, judged on the interleaved figures.
 """
@@ -86,6 +90,8 @@ flags.DEFINE_bool('suite', False, 'Run every case of SUITE, one process each.')
 flags.DEFINE_integer('towers_at', 0, 'Instead of JAX against PyTorch: the two-tower '
                      '(configs/paper.py) and single-tower JAX steps, interleaved in one '
                      'process, at this global batch size.')
+flags.DEFINE_bool('lrn_controls', False, 'With --towers_at: also time each network with '
+                  'the other\'s LRN setting and compare them like for like.')
 
 # (config file, global batch, dtype, steps per repetition): the README's table.
 SUITE = (
@@ -390,26 +396,47 @@ def median_interval(values, confidence: float = 0.95) -> dict:
   return {'low': x[k - 1], 'high': x[n - k], 'coverage': 1 - 2 * below(k)}
 
 
-def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict:
-  """Achieved FLOP/s of two networks' JAX steps, interleaved in one process.
+def _ratio_of(samples: dict, rates: dict, a: str, b: str) -> dict:
+  """FLOP/s of `a` over `b`: the ratio of medians and that of each pair."""
+  pairs = [x / y for x, y in zip(samples[a], samples[b])]
+  return {'ratio': rates[a] / rates[b],
+          'ratio_pairs': {'median': statistics.median(pairs), 'min': min(pairs),
+                          'max': max(pairs), 'each': pairs,
+                          'median_interval': median_interval(pairs)}}
 
-  `configs` maps two names to configs, the two-tower network first. The suite's
-  per-FLOP ratio from separate processes moves with this machine's drift
-  between them (+-2-5%); here every repetition times one network right after
-  the other (in alternating order) so that both see the same machine, and the
-  ratio of each such pair is reported beside the ratio of the medians.
+
+def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int,
+                   pairs: list | None = None) -> dict:
+  """Achieved FLOP/s of networks' JAX steps, interleaved in one process.
+
+  `configs` maps names to configs. `pairs` lists the (numerator, denominator)
+  names whose FLOP/s ratios are reported, the target's first (the two-tower
+  network over the single tower); with two configs it defaults to them in
+  order. The suite's per-FLOP ratio from separate processes moves with this
+  machine's drift between them (+-2-5%); here every repetition times each
+  network in turn (in the order of `configs`, reversed every other
+  repetition) so that all see the same machine, and the ratio of each
+  repetition's pair is reported beside the ratio of the medians.
   """
   import jax  # pylint: disable=g-import-not-at-top
   from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
-  if len(configs) != 2:
-    raise ValueError(f'compare_towers takes two configs, got {list(configs)}')
+  names = list(configs)
+  if len(names) < 2:
+    raise ValueError(f'compare_towers takes at least two configs, got {names}')
+  if pairs is None:
+    if len(names) != 2:
+      raise ValueError(f'compare_towers needs `pairs` for more than two configs: {names}')
+    pairs = [tuple(names)]
+  pairs = [tuple(p) for p in pairs]
+  unknown = sorted({n for p in pairs for n in p} - set(names))
+  if not pairs or unknown or any(len(p) != 2 for p in pairs):
+    raise ValueError(f'compare_towers: pairs {pairs} must name two of {names} each')
   runs, info, flops = {}, {}, {}
   for name, config in configs.items():
     config_lib.validate(config, 1)
     runs[name], info[name] = _jax_runner(config, config.global_batch_size)
     runs[name](max(warmup, 1))
     flops[name] = train_flops_per_image(config)
-  names = list(configs)
   samples = {name: [] for name in names}  # FLOP/s
   for rep in range(reps):
     for name in (names if rep % 2 == 0 else names[::-1]):
@@ -418,21 +445,20 @@ def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict
       samples[name].append(
           _median_rate(lambda n=name: runs[n](steps), steps * batch, 1) * flops[name])
   rates = {k: statistics.median(v) for k, v in samples.items()}
-  pairs = [a / b for a, b in zip(samples[names[0]], samples[names[1]])]
+  comparisons = {f'{a} / {b}': _ratio_of(samples, rates, a, b) for a, b in pairs}
+  a, b = pairs[0]
   return {
       'names': names,
+      'pairs': [list(p) for p in pairs],
       'batch': {k: c.global_batch_size for k, c in configs.items()},
       'train_flops_per_image': flops,
       'flops_per_sec': rates,
       'images_per_sec': {k: r / flops[k] for k, r in rates.items()},
-      'ratio': rates[names[0]] / rates[names[1]],
-      'ratio_pairs': {'median': statistics.median(pairs), 'min': min(pairs),
-                      'max': max(pairs), 'each': pairs,
-                      'median_interval': median_interval(pairs)},
+      **comparisons[f'{a} / {b}'],
+      'comparisons': comparisons,
       'samples_flops_per_sec': samples,
       'compile_sec': {k: v['compile_sec'] for k, v in info.items()},
-      'target': {f'{names[0]} no slower per FLOP than {names[1]}':
-                 rates[names[0]] >= rates[names[1]]},
+      'target': {f'{a} no slower per FLOP than {b}': rates[a] >= rates[b]},
       'setup': {'reps': reps, 'steps_per_rep': steps, 'warmup': warmup,
                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
@@ -444,19 +470,46 @@ def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int) -> dict
   }
 
 
-def compare_towers_and_write(batch: int, out: str, **options) -> dict:
-  """`compare_towers` for TOWER_CONFIGS at `batch`, printed and written to `out`."""
-  configs = {}
-  for name in TOWER_CONFIGS:
-    configs[name] = config_lib.load_file(os.path.join(_REPO, 'configs', name + '.py'))
-    configs[name].global_batch_size = batch
-  result = compare_towers(configs, **options)
-  a, b = result['names']
-  fl, p = result['flops_per_sec'], result['ratio_pairs']
-  print(f'batch {batch}: {a} {fl[a] / 1e9:.0f} GFLOP/s, {b} {fl[b] / 1e9:.0f} GFLOP/s, '
-        f'ratio {result["ratio"]:.3f} (target >= 1.0); per interleaved pair '
-        f'{p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f} '
-        f'({_interval(p)})')
+def tower_configs(batch: int, lrn_controls: bool = False) -> tuple[dict, list]:
+  """The per-FLOP target's configs at global batch `batch`, and its pairs.
+
+  With `lrn_controls`, also each network with the LRN setting of the other
+  (`paper_without_lrn`, `single_tower_with_lrn`: the paper's LRN after conv1
+  and conv2, within its one tower), so that each network is also compared with
+  the other like for like, the LRN's cost told apart from the grouping's. The
+  order keeps every compared pair adjacent or one apart in each repetition.
+  """
+  def load(name, lrn=None):
+    config = config_lib.load_file(os.path.join(_REPO, 'configs', name + '.py'))
+    config.global_batch_size = batch
+    if lrn is not None:
+      config.model.lrn.enabled = lrn
+    return config
+
+  two, one = TOWER_CONFIGS
+  if not lrn_controls:
+    return {two: load(two), one: load(one)}, [(two, one)]
+  configs = {f'{two}_without_lrn': load(two, False), two: load(two), one: load(one),
+             f'{one}_with_lrn': load(one, True)}
+  pairs = [(two, one),                            # the target
+           (f'{two}_without_lrn', one),           # like for like: no LRN in either
+           (two, f'{one}_with_lrn'),              # like for like: the LRN in both
+           (two, f'{two}_without_lrn')]           # the LRN's cost to the paper network
+  return configs, pairs
+
+
+def compare_towers_and_write(batch: int, out: str, lrn_controls: bool = False,
+                             **options) -> dict:
+  """`compare_towers` for `tower_configs(batch)`, printed and written to `out`."""
+  configs, pairs = tower_configs(batch, lrn_controls)
+  result = compare_towers(configs, pairs=pairs, **options)
+  fl = result['flops_per_sec']
+  print(f'batch {batch}: ' + ', '.join(f'{n} {fl[n] / 1e9:.0f} GFLOP/s' for n in result['names']))
+  for i, (name, c) in enumerate(result['comparisons'].items()):
+    p = c['ratio_pairs']
+    print(f'  {name}: ratio {c["ratio"]:.3f}{" (target >= 1.0)" if i == 0 else ""}; '
+          f'per interleaved pair {p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f} '
+          f'({_interval(p)})')
   benchmarks.write_json(result, out)
   return result
 
@@ -532,7 +585,7 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
       for name, batch, dtype, steps in SUITE]
   towers = {
       f'b{batch}': run(os.path.join(out_dir, f'train_step_towers_b{batch}.json'),
-                       [f'--towers_at={batch}', f'--reps={TOWERS_REPS}',
+                       [f'--towers_at={batch}', '--lrn_controls', f'--reps={TOWERS_REPS}',
                         f'--steps={TOWERS_STEPS}', f'--warmup={TOWERS_WARMUP}'])
       for batch in sorted({b for n, b, _, _ in SUITE if n in TOWER_CONFIGS})}
   table = [TABLE_HEADER] + [format_row(r) for r in results]
@@ -564,10 +617,11 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
   print('two-tower / single-tower FLOP/s, separate processes:',
         {k: round(v, 3) for k, v in per_flop.items()})
   for k, t in towers.items():
-    p = t['ratio_pairs']
-    print(f'two-tower / single-tower FLOP/s, interleaved in one process, {k}: '
-          f'{t["ratio"]:.3f} (pairs {p["min"]:.3f}-{p["max"]:.3f}, median {p["median"]:.3f}, '
-          f'{_interval(p)})')
+    print(f'FLOP/s ratios, interleaved in one process, {k} (the first is the target):')
+    for name, c in t['comparisons'].items():
+      p = c['ratio_pairs']
+      print(f'  {name}: {c["ratio"]:.3f} (pairs {p["min"]:.3f}-{p["max"]:.3f}, '
+            f'median {p["median"]:.3f}, {_interval(p)})')
   print('targets:', summary['targets'])
   print(f'Wrote {path}')
   return summary
@@ -586,7 +640,8 @@ def main(argv):
     return
   if f.towers_at:
     out = f.out or os.path.join('benchmarks_out', f'train_step_towers_b{f.towers_at}.json')
-    compare_towers_and_write(f.towers_at, out, reps=f.reps, steps=f.steps, warmup=f.warmup)
+    compare_towers_and_write(f.towers_at, out, f.lrn_controls, reps=f.reps, steps=f.steps,
+                             warmup=f.warmup)
     return
   config = f.config
   if config is None:
