@@ -16,7 +16,7 @@ import ml_collections
 
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
 KNOWN_DTYPES = ('float32', 'bfloat16')
-KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn')  # see models.uses_onednn
+KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn', 'winograd')  # see models.uses_onednn
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -91,7 +91,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dtype = 'float32'  # compute dtype; params and optimiser state stay float32
   # Convolution kernels: 'auto' runs oneDNN's on the CPU when it can be built
   # (alexnet_jax/onednn.py) and XLA's otherwise and on GPUs; 'xla' or 'onednn'
-  # force one (oneDNN on the CPU backend only).
+  # force one (oneDNN on the CPU backend only); 'winograd' is 'onednn' with
+  # its Winograd kernels for the float32 3x3 stride-1 layers (faster on the
+  # CPU; rounding differs).
   c.conv_impl = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
@@ -152,13 +154,16 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
   if config.conv_impl not in KNOWN_CONV_IMPLS:
     fail(f'conv_impl={config.conv_impl!r}; use one of {KNOWN_CONV_IMPLS}')
-  if config.conv_impl == 'onednn':
+  if config.conv_impl in ('onednn', 'winograd'):
     # Imported here: configs load before the entry points set XLA_FLAGS.
     import jax  # pylint: disable=g-import-not-at-top
     from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
     reason = jax.default_backend() == 'cpu' and onednn.unavailable_reason()
     if reason:
-      fail(f"conv_impl='onednn', but {reason}")
+      fail(f"conv_impl={config.conv_impl!r}, but {reason}")
+  if config.conv_impl == 'winograd' and config.dtype != 'float32':
+    fail(f"conv_impl='winograd' runs oneDNN's float32 Winograd kernels; dtype is "
+         f"{config.dtype!r}: use conv_impl='auto' for it")
   m = config.model
   if m.towers not in (1, 2):
     fail(f'model.towers={m.towers}; use 1 (single tower) or 2 (the paper)')

@@ -11,7 +11,7 @@ tower `t` owns output channels `[t * out / towers, (t + 1) * out / towers)`.
 The layout therefore does not depend on how the towers are computed or placed
 on devices, and a checkpoint is portable between layouts.
 
-On the CPU (`conv_impl` 'auto' or 'onednn') the convolutions are oneDNN's, a
+On the CPU (`conv_impl` 'auto', 'onednn' or 'winograd') the convolutions are oneDNN's, a
 grouped layer is one oneDNN call with feature groups on an array that holds
 both towers, and ReLU, LRN and max pooling run as one fused kernel
 (`onednn.relu_lrn_pool`), whose backward pass also sums the bias gradient of
@@ -249,19 +249,20 @@ def _warn_no_onednn(reason: str) -> None:
 def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
   """Whether `conv_nhwc` runs on oneDNN for this setting, here and now.
 
-  'xla': never. 'onednn': on the CPU backend, and an error if the library
-  cannot be built. 'auto': on the CPU backend when it can be built, else XLA
-  with a warning. GPUs always keep XLA's convolutions.
+  'xla': never. 'onednn' and 'winograd' (the same with oneDNN's Winograd
+  kernels where it has them, `onednn.conv_nhwc`): on the CPU backend, and an
+  error if the library cannot be built. 'auto': on the CPU backend when it
+  can be built, else XLA with a warning. GPUs always keep XLA's convolutions.
   """
   if impl not in config_lib.KNOWN_CONV_IMPLS:
     raise ValueError(f'conv_impl={impl!r}; use one of {config_lib.KNOWN_CONV_IMPLS}')
   if impl == 'xla' or jax.default_backend() != 'cpu':
     return False
   if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
-    if impl == 'onednn':
-      raise ValueError(f"conv_impl='onednn' runs float32 and bfloat16, not {dtype}")
+    if impl in ('onednn', 'winograd'):
+      raise ValueError(f"conv_impl={impl!r} runs float32 and bfloat16, not {dtype}")
     return False
-  if impl == 'onednn':
+  if impl in ('onednn', 'winograd'):
     onednn.load()  # raises OneDNNUnavailable saying what to install
     return True
   reason = onednn.unavailable_reason()
@@ -283,9 +284,11 @@ def conv_nhwc(x, kernel, stride, padding, impl: str = 'auto', groups: int = 1,
   """
   if uses_onednn(impl, x.dtype):
     bias = None if bias is None else bias.astype(x.dtype)
+    winograd = impl == 'winograd'
     if then_pool is not None:
-      return onednn.conv_relu_lrn_pool(x, kernel, bias, stride, padding, groups, then_pool)
-    return onednn.conv_nhwc(x, kernel, stride, padding, groups, bias=bias)
+      return onednn.conv_relu_lrn_pool(x, kernel, bias, stride, padding, groups, then_pool,
+                                       winograd=winograd)
+    return onednn.conv_nhwc(x, kernel, stride, padding, groups, bias=bias, winograd=winograd)
   if then_pool is not None:
     raise ValueError("then_pool is for oneDNN's convolutions; "
                      'apply AlexNet.relu_lrn_pool to the output instead')
@@ -391,7 +394,7 @@ class AlexNet(nn.Module):
   weight_init: str = 'paper'
   init_std: float = 0.01
   dtype: Dtype = jnp.float32
-  conv_impl: str = 'auto'  # 'auto' | 'xla' | 'onednn': see `uses_onednn`
+  conv_impl: str = 'auto'  # 'auto' | 'xla' | 'onednn' | 'winograd': see `uses_onednn`
 
   def _conv(self, i: int, grouped: bool, bias: float, stride: int = 1,
             padding: Any = None, then_pool: dict | None = None):

@@ -252,14 +252,20 @@ def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], .
   return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
-def _call(target, result_shape, dtype, operands, stride, pads, groups):
+# `algorithm` of the custom calls: oneDNN's direct kernels, or its Winograd
+# F(4x4, 3x3) kernels where it has them (float32, 3x3, stride 1; the library
+# keeps the direct ones elsewhere).
+DIRECT, WINOGRAD = 0, 1
+
+
+def _call(target, result_shape, dtype, operands, stride, pads, groups, algorithm=DIRECT):
   (pt, pb), (pl, pr) = pads
   return jax.ffi.ffi_call(
       f'alexnet_onednn_conv_{target}', jax.ShapeDtypeStruct(result_shape, dtype),
       vmap_method='sequential')(
           *operands, stride_h=np.int64(stride), stride_w=np.int64(stride),
           pad_top=np.int64(pt), pad_bottom=np.int64(pb), pad_left=np.int64(pl),
-          pad_right=np.int64(pr), groups=np.int64(groups))
+          pad_right=np.int64(pr), groups=np.int64(groups), algorithm=np.int64(algorithm))
 
 
 def _out_shape(x_shape, w_shape, stride, pads) -> tuple[int, ...]:
@@ -269,21 +275,21 @@ def _out_shape(x_shape, w_shape, stride, pads) -> tuple[int, ...]:
   return n, (h + pt + pb - kh) // stride + 1, (w + pl + pr - kw) // stride + 1, o
 
 
-def _forward(x, w, stride, pads, groups, bias=None):
+def _forward(x, w, stride, pads, groups, bias=None, algorithm=DIRECT):
   """The forward convolution's custom call (adding `bias` if given)."""
   shape = _out_shape(x.shape, w.shape, stride, pads)
   if bias is None:
-    return _call('fwd', shape, x.dtype, (x, w), stride, pads, groups)
-  return _call('fwd_bias', shape, x.dtype, (x, w, bias), stride, pads, groups)
+    return _call('fwd', shape, x.dtype, (x, w), stride, pads, groups, algorithm)
+  return _call('fwd_bias', shape, x.dtype, (x, w, bias), stride, pads, groups, algorithm)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
-def _conv(x, w, stride, pads, groups):
-  return _forward(x, w, stride, pads, groups)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def _conv(x, w, stride, pads, groups, algorithm):
+  return _forward(x, w, stride, pads, groups, algorithm=algorithm)
 
 
-def _conv_fwd(x, w, stride, pads, groups):
-  return _forward(x, w, stride, pads, groups), (x, w)
+def _conv_fwd(x, w, stride, pads, groups, algorithm):
+  return _forward(x, w, stride, pads, groups, algorithm=algorithm), (x, w)
 
 
 def _transposed_kernel(w, groups):
@@ -293,7 +299,7 @@ def _transposed_kernel(w, groups):
   return w.transpose(0, 1, 4, 3, 2).reshape(kh, kw, o // groups, groups * i)
 
 
-def _input_grad(dy, w, x_shape, stride, pads, groups):
+def _input_grad(dy, w, x_shape, stride, pads, groups, algorithm=DIRECT):
   """The input gradient; for stride 1, as a forward convolution.
 
   With stride 1 the input gradient is the output gradient convolved with the
@@ -305,15 +311,17 @@ def _input_grad(dy, w, x_shape, stride, pads, groups):
   kh, kw = w.shape[:2]
   (pt, pb), (pl, pr) = pads
   turned = ((kh - 1 - pt, kh - 1 - pb), (kw - 1 - pl, kw - 1 - pr))
+  if algorithm == WINOGRAD:  # the Winograd kernels' own input gradient
+    return _call('bwd_data', x_shape, dy.dtype, (dy, w), stride, pads, groups, algorithm)
   if stride == 1 and min(min(p) for p in turned) >= 0:
     return _forward(dy, _transposed_kernel(w, groups), 1, turned, groups)
   return _call('bwd_data', x_shape, dy.dtype, (dy, w), stride, pads, groups)
 
 
-def _conv_bwd(stride, pads, groups, res, dy):
+def _conv_bwd(stride, pads, groups, algorithm, res, dy):
   x, w = res
-  dx = _input_grad(dy, w, x.shape, stride, pads, groups)
-  dw = _call('bwd_weights', w.shape, w.dtype, (x, dy), stride, pads, groups)
+  dx = _input_grad(dy, w, x.shape, stride, pads, groups, algorithm)
+  dw = _call('bwd_weights', w.shape, w.dtype, (x, dy), stride, pads, groups, algorithm)
   return dx, dw
 
 
@@ -327,19 +335,19 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 # against 35 ms with it), and the whole step was 1.5% slower. Followed by
 # `relu_lrn_pool`, the fused kernel's backward pass sums it instead
 # (`conv_relu_lrn_pool`).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _conv_bias(x, w, b, stride, pads, groups):
-  return _forward(x, w, stride, pads, groups, b)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _conv_bias(x, w, b, stride, pads, groups, algorithm):
+  return _forward(x, w, stride, pads, groups, b, algorithm)
 
 
-def _conv_bias_fwd(x, w, b, stride, pads, groups):
-  return _forward(x, w, stride, pads, groups, b), (x, w, b)
+def _conv_bias_fwd(x, w, b, stride, pads, groups, algorithm):
+  return _forward(x, w, stride, pads, groups, b, algorithm), (x, w, b)
 
 
-def _conv_bias_bwd(stride, pads, groups, res, dy):
+def _conv_bias_bwd(stride, pads, groups, algorithm, res, dy):
   x, w, b = res
   from alexnet_jax import models  # pylint: disable=g-import-not-at-top  # imports this module
-  dx, dw = _conv_bwd(stride, pads, groups, (x, w), dy)
+  dx, dw = _conv_bwd(stride, pads, groups, algorithm, (x, w), dy)
   return dx, dw, models.sum_to_last_axis(dy).astype(b.dtype)
 
 
@@ -364,19 +372,31 @@ def _conv_pads(x, kernel, stride, padding, groups, bias) -> tuple[tuple[int, int
   return explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
 
 
+def _algorithm(winograd: bool, x, kernel, stride) -> int:
+  """WINOGRAD where oneDNN 2.6 has Winograd kernels (float32 3x3 stride 1), else DIRECT."""
+  return WINOGRAD if (winograd and x.dtype == np.float32 and kernel.shape[:2] == (3, 3)
+                      and stride == 1) else DIRECT
+
+
 def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
-              groups: int = 1, bias: jax.Array | None = None) -> jax.Array:
+              groups: int = 1, bias: jax.Array | None = None,
+              winograd: bool = False) -> jax.Array:
   """`lax.conv_general_dilated` in NHWC / HWIO on oneDNN (CPU only), plus `bias`.
 
   x, kernel and bias (one value per output channel, optional) must share a
   dtype, float32 or bfloat16; padding is 'SAME', 'VALID' or ((top, bottom),
   (left, right)); `groups` is XLA's `feature_group_count` (the kernel's I axis
-  holds C / groups channels).
+  holds C / groups channels). `winograd`: float32 3x3 stride-1 convolutions
+  (forward and both gradients) run on oneDNN's Winograd F(4x4, 3x3) kernels,
+  1.3-1.7x faster on AlexNet's conv3-conv5 here, with rounding errors up to
+  about twice the direct kernels'; other layers, and geometries oneDNN
+  declines, keep the direct kernels (`describe` tells which ran).
   """
   pads = _conv_pads(x, kernel, stride, padding, groups, bias)
+  algorithm = _algorithm(winograd, x, kernel, stride)
   if bias is None:
-    return _conv(x, kernel, int(stride), pads, int(groups))
-  return _conv_bias(x, kernel, bias, int(stride), pads, int(groups))
+    return _conv(x, kernel, int(stride), pads, int(groups), algorithm)
+  return _conv_bias(x, kernel, bias, int(stride), pads, int(groups), algorithm)
 
 
 def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
@@ -416,25 +436,25 @@ _relu_lrn_pool.defvjp(_relu_lrn_pool_fwd, _relu_lrn_pool_bwd)
 # by oneDNN's forward kernels, and its gradient summed by the fused kernel's
 # backward pass as it writes dx (XLA's separate reduction over the map, run
 # beside oneDNN's calls and competing with them for the cores, is gone).
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7))
-def _conv_relu_lrn_pool(x, w, b, stride, pads, groups, y_shape, attrs):
-  return _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, y_shape, attrs)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6, 7, 8))
+def _conv_relu_lrn_pool(x, w, b, stride, pads, groups, algorithm, y_shape, attrs):
+  return _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, algorithm, y_shape, attrs)[0]
 
 
-def _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, y_shape, attrs):
-  a = _forward(x, w, stride, pads, groups, b)
+def _conv_relu_lrn_pool_fwd(x, w, b, stride, pads, groups, algorithm, y_shape, attrs):
+  a = _forward(x, w, stride, pads, groups, b, algorithm)
   y, (_, arg) = _relu_lrn_pool_fwd(a, y_shape, attrs)
   return y, (x, w, b, a, arg)
 
 
-def _conv_relu_lrn_pool_bwd(stride, pads, groups, y_shape, attrs, res, dy):
+def _conv_relu_lrn_pool_bwd(stride, pads, groups, algorithm, y_shape, attrs, res, dy):
   del y_shape
   x, w, b, a, arg = res
   da, db = jax.ffi.ffi_call(
       'alexnet_relu_lrn_pool_bwd_bias',
       (jax.ShapeDtypeStruct(a.shape, a.dtype), jax.ShapeDtypeStruct(b.shape, np.float32)),
       vmap_method='sequential')(a, arg, dy, **dict(attrs))
-  dx, dw = _conv_bwd(stride, pads, groups, (x, w), da)
+  dx, dw = _conv_bwd(stride, pads, groups, algorithm, (x, w), da)
   return dx, dw, db.astype(b.dtype)
 
 
@@ -485,8 +505,8 @@ def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VAL
 
 
 def conv_relu_lrn_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride: int,
-                       padding, groups: int, pool: dict) -> jax.Array:
-  """`relu_lrn_pool(conv_nhwc(x, kernel, stride, padding, groups, bias), **pool)`.
+                       padding, groups: int, pool: dict, winograd: bool = False) -> jax.Array:
+  """`relu_lrn_pool(conv_nhwc(x, kernel, stride, padding, groups, bias, winograd), **pool)`.
 
   The same values and gradients as the two calls, but the bias's gradient is
   summed by the fused kernel's backward pass as it writes the gradient of the
@@ -501,7 +521,8 @@ def conv_relu_lrn_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride:
     raise TypeError(f'unknown relu_lrn_pool arguments {unknown}')
   y_shape, attrs = _pool_attrs(_out_shape(x.shape, kernel.shape, stride, pads), x.dtype,
                                **pool)
-  return _conv_relu_lrn_pool(x, kernel, bias, int(stride), pads, int(groups), y_shape, attrs)
+  return _conv_relu_lrn_pool(x, kernel, bias, int(stride), pads, int(groups),
+                             _algorithm(winograd, x, kernel, stride), y_shape, attrs)
 
 
 def main():

@@ -174,14 +174,20 @@ def test_vmap_runs_each_element_alone():
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _tiny_model_sum(config, images, impl):
+  """(the tiny network's output sum as a function of its params, its params)."""
+  model = models.create_model(config.model, 10, conv_impl=impl)
+  params = model.init(jax.random.key(0), images, train=False)['params']
+  return (lambda p: model.apply({'params': p}, images, train=False).sum()), params
+
+
 def test_model_gradients_match_between_oneDNN_and_xla():
   config = tiny_fashion_config()
   images = jax.random.normal(jax.random.key(7), (4, 28, 28, 1))
 
   def grads(impl):
-    model = models.create_model(config.model, 10, conv_impl=impl)
-    params = model.init(jax.random.key(0), images, train=False)['params']
-    return jax.grad(lambda p: model.apply({'params': p}, images, train=False).sum())(params)
+    f, params = _tiny_model_sum(config, images, impl)
+    return jax.grad(f)(params)
 
   got, want = grads('onednn'), grads('xla')
   jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got, want)
@@ -519,3 +525,115 @@ def test_fused_relu_lrn_pool_portable_loops_match_xla(tmp_path):
                                  atol=tol * np.max(np.abs(want)), err_msg=f'{part}, C={c}')
   if 'avx512f' in pathlib.Path('/proc/cpuinfo').read_text():
     assert onednn.fused_lanes() == 16  # and the default build uses AVX-512
+
+
+def _has_avx512() -> bool:
+  try:
+    return 'avx512f' in pathlib.Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return False
+
+
+# (input NHWC, kernel HWIO, groups): 3x3 stride-1 layers, which the Winograd
+# kernels take; channels not a multiple of 16 included.
+WINOGRAD_GEOMETRIES = [
+    ((2, 13, 13, 32), (3, 3, 32, 48), 1),   # conv3
+    ((3, 13, 13, 64), (3, 3, 32, 32), 2),   # paper conv4, both towers
+    ((2, 7, 7, 24), (3, 3, 12, 20), 2),     # odd sizes, channels not in 16s
+]
+
+
+@pytest.mark.parametrize('x_shape,w_shape,groups', WINOGRAD_GEOMETRIES)
+def test_winograd_values_and_all_gradients_match_xla(x_shape, w_shape, groups):
+  kx, kw, kb, kd = jax.random.split(jax.random.key(20), 4)
+  x = jax.random.normal(kx, x_shape)
+  w = jax.random.normal(kw, w_shape) / np.sqrt(np.prod(w_shape[:3]))
+  b = jax.random.normal(kb, w_shape[3:]) + 1.0
+  dy = jax.random.normal(kd, x_shape[:3] + w_shape[3:])
+
+  def run(f, *args):
+    y, vjp = jax.vjp(f, *args)
+    return (y,) + vjp(dy)
+
+  xla = run(lambda x, w, b: _xla_conv(x, w, 1, 'SAME', groups) + b, x, w, b)
+  wino = jax.jit(lambda x, w, b: run(
+      lambda x, w, b: onednn.conv_nhwc(x, w, 1, 'SAME', groups, b, winograd=True), x, w, b))
+  for name, g, r in zip(('y', 'dx', 'dw', 'db'), wino(x, w, b), xla):
+    assert g.shape == r.shape and g.dtype == r.dtype, name
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(r))),
+                               err_msg=name)
+  # Without a bias as well (the calls without one).
+  got = jax.jit(lambda x, w: run(
+      lambda x, w: onednn.conv_nhwc(x, w, 1, 'SAME', groups, winograd=True), x, w))(x, w)
+  want = run(lambda x, w: _xla_conv(x, w, 1, 'SAME', groups), x, w)
+  for name, g, r in zip(('y', 'dx', 'dw'), got, want):
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(r))),
+                               err_msg=name)
+  # The calls ask for the Winograd kernels, the input gradient included (not
+  # as a direct forward convolution), and oneDNN runs them.
+  hlo = wino.lower(x, w, b).as_text()
+  assert hlo.count('algorithm = 1 : i64') == 3 and 'algorithm = 0' not in hlo
+  assert 'alexnet_onednn_conv_bwd_data' in hlo
+  if _has_avx512():
+    cin, cout = x_shape[3], w_shape[3]
+    shown = [line for line in onednn.describe().splitlines()
+             if f' {cin}->{cout} 3x3' in line and 'winograd' in line]
+    assert len(shown) >= 3 and all('wino' in line.split(': ')[1] for line in shown), shown
+  # Winograd rounds differently: not the direct kernels' bits.
+  direct = onednn.conv_nhwc(x, w, 1, 'SAME', groups, b)
+  assert not np.array_equal(direct, wino(x, w, b)[0])
+
+
+def test_winograd_keeps_the_direct_kernels_where_it_has_none():
+  x = jnp.ones((1, 27, 27, 16))
+  cases = [(jnp.ones((5, 5, 16, 16)), 1, jnp.float32),   # 5x5
+           (jnp.ones((3, 3, 16, 16)), 2, jnp.float32),   # stride 2
+           (jnp.ones((3, 3, 16, 16)), 1, jnp.bfloat16)]  # bfloat16
+  for w, stride, dtype in cases:
+    hlo = jax.jit(lambda x, w, s=stride: onednn.conv_nhwc(x, w, s, 'SAME', winograd=True)
+                  ).lower(x.astype(dtype), w.astype(dtype)).as_text()
+    assert 'algorithm = 0 : i64' in hlo and 'algorithm = 1' not in hlo, (w.shape, stride, dtype)
+  hlo = jax.jit(lambda x, w: onednn.conv_nhwc(x, w, 1, 'SAME')).lower(
+      x, jnp.ones((3, 3, 16, 16))).as_text()
+  assert 'algorithm = 0 : i64' in hlo  # off unless asked for
+
+
+def test_winograd_conv_relu_lrn_pool_matches_the_direct_one():
+  kx, kw, kb, kd = jax.random.split(jax.random.key(21), 4)
+  x = jax.random.normal(kx, (2, 13, 13, 32))
+  w = jax.random.normal(kw, (3, 3, 16, 32)) / 12
+  b = jax.random.normal(kb, (32,))
+  pool = dict(window=3, stride=2, lrn=PAPER_LRN, towers=2)
+  dy = jax.random.normal(kd, (2, 6, 6, 32))
+
+  def run(winograd):
+    f = lambda x, w, b: onednn.conv_relu_lrn_pool(x, w, b, 1, 'SAME', 2, pool,  # noqa: E731
+                                                  winograd=winograd)
+    y, vjp = jax.vjp(jax.jit(f), x, w, b)
+    return (y,) + vjp(dy)
+
+  for name, g, r in zip(('y', 'dx', 'dw', 'db'), run(True), run(False)):
+    np.testing.assert_allclose(g, r, rtol=0, atol=2e-5 * float(jnp.max(jnp.abs(r))),
+                               err_msg=name)
+
+
+def test_model_with_winograd_matches_the_direct_kernels_and_config_checks():
+  config = tiny_fashion_config()
+  images = jax.random.normal(jax.random.key(7), (4, 28, 28, 1))
+
+  def grads(impl):
+    f, params = _tiny_model_sum(config, images, impl)
+    f = jax.jit(jax.value_and_grad(f))  # the forward calls' outputs are kept
+    return f(params), f.lower(params).as_text()
+
+  (got, hlo), (want, _) = grads('winograd'), grads('onednn')
+  jax.tree.map(lambda g, r: np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5), got, want)
+  # conv3, conv4 and conv5 (3x3) take the Winograd kernels in all three
+  # directions; conv1 (5x5 here) and conv2 keep the direct ones.
+  kernels = tuple(config.model.kernel_sizes)
+  threes = sum(k == 3 for k in kernels)
+  assert threes >= 3 and hlo.count('algorithm = 1 : i64') == 3 * threes - (kernels[0] == 3)
+  assert models.uses_onednn('winograd')
+  config.conv_impl, config.dtype = 'winograd', 'bfloat16'
+  with pytest.raises(ValueError, match="conv_impl='winograd' runs oneDNN's float32"):
+    config_lib.validate(config, 1)

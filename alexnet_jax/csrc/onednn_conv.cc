@@ -12,6 +12,12 @@
 //   alexnet_onednn_conv_bwd_weights  dw = correlation of x and dy
 // oneDNN picks its own blocked kernel layout; kernels are reordered to and
 // from HWIO around each call. Primitives are built once per shape and cached.
+// The attribute `algorithm` chooses oneDNN's direct kernels (0) or its
+// Winograd F(4x4, 3x3) kernels (1, float32 3x3 stride-1 layers; other
+// geometries, or ones oneDNN declines, keep the direct kernels). The Winograd
+// kernels work on channel-blocked activations, so each call reorders its
+// activations from and to NHWC, one feature group at a time (oneDNN 2.6 runs
+// them ungrouped).
 //
 // One call runs at a time (alexnet::ExecMutex), each on all of OpenMP's threads. XLA
 // runs independent operations on several threads at once; Debian's oneDNN
@@ -24,6 +30,7 @@
 #include <mutex>
 #include <optional>
 #include <string>
+#include <unordered_map>
 #include <utility>
 
 #include "oneapi/dnnl/dnnl.hpp"
@@ -44,13 +51,14 @@ namespace {
 enum Kind : int64_t { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
 
 // kind, dtype, N, H, W, C, KH, KW, O, OH, OW, stride h/w, pads t/b/l/r, groups,
-// bias
-using Key = std::array<int64_t, 19>;
+// bias, algorithm
+using Key = std::array<int64_t, 20>;
 
 struct Geometry {
   int64_t n, h, w, c, kh, kw, o, oh, ow;
   int64_t sh, sw, pt, pb, pl, pr, groups;
-  bool bias = false;  // the forward pass adds b
+  bool bias = false;      // the forward pass adds b
+  bool winograd = false;  // oneDNN's Winograd kernels, one group at a time
 };
 
 dnnl::engine& Engine() {
@@ -65,6 +73,12 @@ struct Entry {
   dnnl::memory::desc prim_wei;                       // oneDNN's kernel layout
   std::optional<dnnl::reorder> wei_reorder;          // HWIO <-> prim_wei
   std::string impl;
+  // Winograd only: the primitive is one group's, user_* are one group's
+  // views into the whole arrays (advanced by group_* elements per group), and
+  // the activations are reordered to and from oneDNN's layouts prim_*.
+  bool per_group = false;
+  dnnl::memory::desc prim_src, prim_dst, scratch;  // scratch: the primitive's own
+  int64_t group_src = 0, group_wei = 0, group_dst = 0;
 };
 
 std::mutex cache_mutex;
@@ -73,8 +87,85 @@ std::map<Key, std::shared_ptr<Entry>>& Cache() {
   return *cache;
 }
 
+// The Winograd primitive for one feature group, or nullptr where oneDNN has
+// no Winograd kernel for the geometry.
+std::shared_ptr<Entry> BuildWinograd(Kind kind, dnnl::memory::data_type dt,
+                                     const Geometry& g) {
+  using dnnl::memory;
+  auto e = std::make_shared<Entry>();
+  const int64_t cg = g.c / g.groups, og = g.o / g.groups;
+  // One group's NHWC activations and HWIO kernel, strided within the whole.
+  e->user_src = memory::desc({g.n, cg, g.h, g.w}, dt, memory::dims{g.h * g.w * g.c, 1, g.w * g.c, g.c});
+  e->user_dst = memory::desc({g.n, og, g.oh, g.ow}, dt,
+                             memory::dims{g.oh * g.ow * g.o, 1, g.ow * g.o, g.o});
+  e->user_wei = memory::desc({og, cg, g.kh, g.kw}, dt,
+                             memory::dims{1, g.o, g.kw * cg * g.o, cg * g.o});
+  e->group_src = cg;
+  e->group_dst = og;
+  e->group_wei = og;
+  e->per_group = true;
+  if (g.bias) e->bias = memory::desc({og}, dt, memory::format_tag::a);
+  const memory::desc src_any({g.n, cg, g.h, g.w}, dt, memory::format_tag::any);
+  const memory::desc dst_any({g.n, og, g.oh, g.ow}, dt, memory::format_tag::any);
+  const memory::desc wei_any({og, cg, g.kh, g.kw}, dt, memory::format_tag::any);
+  const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
+  const auto wino = dnnl::algorithm::convolution_winograd;
+  auto& eng = Engine();
+  // The calls bring their own scratch memory: with the library's, a
+  // primitive run on another thread than the one that made it (XLA's
+  // workers) used that thread's smaller buffer and crashed.
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  try {
+    dnnl::convolution_forward::primitive_desc fwd_pd(
+        dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any,
+                                        wei_any, e->bias, dst_any, strides, pad_l, pad_r),
+        attr, eng);
+    memory::desc wei;
+    if (kind == kFwd) {
+      e->conv = dnnl::convolution_forward(fwd_pd);
+      e->impl = fwd_pd.impl_info_str();
+      e->scratch = fwd_pd.scratchpad_desc();
+      e->prim_src = fwd_pd.src_desc();
+      e->prim_dst = fwd_pd.dst_desc();
+      wei = fwd_pd.weights_desc();
+    } else if (kind == kBwdData) {
+      dnnl::convolution_backward_data::primitive_desc pd(
+          dnnl::convolution_backward_data::desc(wino, src_any, wei_any, dst_any, strides,
+                                                pad_l, pad_r),
+          attr, eng, fwd_pd);
+      e->conv = dnnl::convolution_backward_data(pd);
+      e->impl = pd.impl_info_str();
+      e->scratch = pd.scratchpad_desc();
+      e->prim_src = pd.diff_src_desc();
+      e->prim_dst = pd.diff_dst_desc();
+      wei = pd.weights_desc();
+    } else {
+      dnnl::convolution_backward_weights::primitive_desc pd(
+          dnnl::convolution_backward_weights::desc(wino, src_any, wei_any, dst_any, strides,
+                                                   pad_l, pad_r),
+          attr, eng, fwd_pd);
+      e->conv = dnnl::convolution_backward_weights(pd);
+      e->impl = pd.impl_info_str();
+      e->scratch = pd.scratchpad_desc();
+      e->prim_src = pd.src_desc();
+      e->prim_dst = pd.diff_dst_desc();
+      wei = pd.diff_weights_desc();
+    }
+    e->prim_wei = wei;
+    memory user(e->user_wei, eng), prim(wei, eng);
+    e->wei_reorder = kind == kBwdWeights ? dnnl::reorder(prim, user) : dnnl::reorder(user, prim);
+  } catch (const dnnl::error&) {
+    return nullptr;  // no Winograd kernel here: the direct ones run instead
+  }
+  return e;
+}
+
 std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
                              const Geometry& g) {
+  if (g.winograd) {
+    if (auto e = BuildWinograd(kind, dt, g)) return e;
+  }
   using tag = dnnl::memory::format_tag;
   using dnnl::memory;
   auto e = std::make_shared<Entry>();
@@ -136,7 +227,8 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
 std::shared_ptr<Entry> Lookup(Kind kind, dnnl::memory::data_type dt,
                               const Geometry& g) {
   Key key = {kind, static_cast<int64_t>(dt), g.n, g.h, g.w, g.c, g.kh, g.kw,
-             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, g.groups, g.bias};
+             g.o, g.oh, g.ow, g.sh, g.sw, g.pt, g.pb, g.pl, g.pr, g.groups, g.bias,
+             g.winograd};
   std::lock_guard<std::mutex> lock(cache_mutex);
   auto& cache = Cache();
   auto it = cache.find(key);
@@ -144,6 +236,63 @@ std::shared_ptr<Entry> Lookup(Kind kind, dnnl::memory::data_type dt,
   auto e = Build(kind, dt, g);
   cache.emplace(key, e);
   return e;
+}
+
+// A Winograd entry's call: for each group, the activations and kernel
+// reordered into oneDNN's layouts, the primitive, and the result reordered
+// back into its place in the whole NHWC or HWIO array. a, b and out as in
+// Run; bias: the forward pass's b or nullptr.
+void RunPerGroup(const Entry& e, Kind kind, int64_t groups, size_t esize, char* a, char* b,
+                 char* out, char* bias, dnnl::stream& s) {
+  using dnnl::memory;
+  auto& eng = Engine();
+  auto into = [&](const memory::desc& from, char* p, const memory::desc& to) {
+    memory user(from, eng, p), prim(to, eng);
+    dnnl::reorder(user, prim).execute(s, user, prim);
+    return prim;
+  };
+  auto back = [&](memory prim, const memory::desc& to, char* p) {
+    memory user(to, eng, p);
+    dnnl::reorder(prim, user).execute(s, prim, user);
+  };
+  memory scratch(e.scratch, eng);
+  for (int64_t gi = 0; gi < groups; ++gi) {
+    char* src = nullptr;  // this group's x, or dx
+    char* dst = nullptr;  // its y, or dy
+    char* wei = nullptr;  // its w, or dw
+    if (kind == kFwd) {
+      src = a + gi * e.group_src * esize, wei = b + gi * e.group_wei * esize;
+      dst = out + gi * e.group_dst * esize;
+    } else if (kind == kBwdData) {
+      dst = a + gi * e.group_dst * esize, wei = b + gi * e.group_wei * esize;
+      src = out + gi * e.group_src * esize;
+    } else {
+      src = a + gi * e.group_src * esize, dst = b + gi * e.group_dst * esize;
+      wei = out + gi * e.group_wei * esize;
+    }
+    if (kind == kFwd) {
+      memory x = into(e.user_src, src, e.prim_src), w = into(e.user_wei, wei, e.prim_wei);
+      memory y(e.prim_dst, eng);
+      std::unordered_map<int, memory> args = {
+          {DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y},
+          {DNNL_ARG_SCRATCHPAD, scratch}};
+      if (bias) args[DNNL_ARG_BIAS] = memory(e.bias, eng, bias + gi * e.group_dst * esize);
+      e.conv.execute(s, args);
+      back(y, e.user_dst, dst);
+    } else if (kind == kBwdData) {
+      memory dy = into(e.user_dst, dst, e.prim_dst), w = into(e.user_wei, wei, e.prim_wei);
+      memory dx(e.prim_src, eng);
+      e.conv.execute(s, {{DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DIFF_SRC, dx},
+                         {DNNL_ARG_SCRATCHPAD, scratch}});
+      back(dx, e.user_src, src);
+    } else {
+      memory x = into(e.user_src, src, e.prim_src), dy = into(e.user_dst, dst, e.prim_dst);
+      memory dw(e.prim_wei, eng);
+      e.conv.execute(s, {{DNNL_ARG_SRC, x}, {DNNL_ARG_DIFF_DST, dy}, {DNNL_ARG_DIFF_WEIGHTS, dw},
+                         {DNNL_ARG_SCRATCHPAD, scratch}});
+      back(dw, e.user_wei, wei);
+    }
+  }
 }
 
 std::optional<dnnl::memory::data_type> DnnlType(ffi::DataType t) {
@@ -159,7 +308,7 @@ std::optional<dnnl::memory::data_type> DnnlType(ffi::DataType t) {
 ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
                ffi::Result<ffi::AnyBuffer> out, std::optional<ffi::AnyBuffer> bias,
                int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl,
-               int64_t pr, int64_t groups) {
+               int64_t pr, int64_t groups, int64_t algorithm) {
   auto dt = DnnlType(a.element_type());
   if (!dt || b.element_type() != a.element_type() ||
       out->element_type() != a.element_type() ||
@@ -181,6 +330,10 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
   g.sh = sh; g.sw = sw; g.pt = pt; g.pb = pb; g.pl = pl; g.pr = pr;
   g.groups = groups;
   g.bias = bias.has_value();
+  if (algorithm != 0 && algorithm != 1)
+    return ffi::Error::InvalidArgument("onednn conv: algorithm must be 0 (direct) or 1 (Winograd)");
+  g.winograd = algorithm == 1 && *dt == dnnl::memory::data_type::f32 && g.kh == 3 &&
+               g.kw == 3 && g.sh == 1 && g.sw == 1;
   if (groups < 1 || g.c % groups || g.o % groups)
     return ffi::Error::InvalidArgument("onednn conv: channels do not split into groups");
   if (bias && (bias->dimensions().size() != 1 || bias->dimensions()[0] != g.o))
@@ -191,7 +344,12 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
     auto& eng = Engine();
     dnnl::stream s(eng);
     using dnnl::memory;
-    if (kind == kFwd || kind == kBwdData) {
+    if (e->per_group) {
+      const size_t esize = *dt == memory::data_type::f32 ? 4 : 2;
+      RunPerGroup(*e, kind, g.groups, esize, static_cast<char*>(a.untyped_data()),
+                  static_cast<char*>(b.untyped_data()), static_cast<char*>(out->untyped_data()),
+                  bias ? static_cast<char*>(bias->untyped_data()) : nullptr, s);
+    } else if (kind == kFwd || kind == kBwdData) {
       memory act(kind == kFwd ? e->user_src : e->user_dst, eng,
                  a.untyped_data());
       memory wei(e->user_wei, eng, b.untyped_data());
@@ -237,27 +395,28 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
       .Attr<int64_t>("pad_bottom")                                          \
       .Attr<int64_t>("pad_left")                                            \
       .Attr<int64_t>("pad_right")                                           \
-      .Attr<int64_t>("groups")
+      .Attr<int64_t>("groups")                                              \
+      .Attr<int64_t>("algorithm")
 
 #define ALEXNET_ATTRS                                                       \
   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr,   \
-      int64_t groups
+      int64_t groups, int64_t algorithm
 
 ffi::Error Fwd(ffi::AnyBuffer a, ffi::AnyBuffer b,
                ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
-  return Run(kFwd, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
+  return Run(kFwd, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups, algorithm);
 }
 ffi::Error FwdBias(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer bias,
                    ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
-  return Run(kFwd, a, b, out, bias, sh, sw, pt, pb, pl, pr, groups);
+  return Run(kFwd, a, b, out, bias, sh, sw, pt, pb, pl, pr, groups, algorithm);
 }
 ffi::Error BwdData(ffi::AnyBuffer a, ffi::AnyBuffer b,
                    ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
-  return Run(kBwdData, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
+  return Run(kBwdData, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups, algorithm);
 }
 ffi::Error BwdWeights(ffi::AnyBuffer a, ffi::AnyBuffer b,
                       ffi::Result<ffi::AnyBuffer> out, ALEXNET_ATTRS) {
-  return Run(kBwdWeights, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups);
+  return Run(kBwdWeights, a, b, out, std::nullopt, sh, sw, pt, pb, pl, pr, groups, algorithm);
 }
 
 }  // namespace
@@ -284,7 +443,7 @@ extern "C" int alexnet_onednn_describe(char* buf, int size) {
          std::to_string(k[8]) + " " + std::to_string(k[6]) + "x" +
          std::to_string(k[7]) +
          (k[17] > 1 ? " groups=" + std::to_string(k[17]) : "") +
-         (k[18] ? " bias" : "") + ": " +
+         (k[18] ? " bias" : "") + (k[19] ? " winograd" : "") + ": " +
          e->impl + "\n";
   }
   int n = static_cast<int>(s.size());
