@@ -389,7 +389,7 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
   holds C / groups channels). `winograd`: float32 3x3 stride-1 convolutions
   (forward and both gradients) run on oneDNN's Winograd F(4x4, 3x3) kernels,
   1.3-1.7x faster on AlexNet's conv3-conv5 here, with rounding errors up to
-  about twice the direct kernels'; other layers, and geometries oneDNN
+  about four times the direct kernels'; other layers, and geometries oneDNN
   declines, keep the direct kernels (`describe` tells which ran).
   """
   pads = _conv_pads(x, kernel, stride, padding, groups, bias)
