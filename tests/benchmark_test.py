@@ -122,6 +122,9 @@ def test_benchmark_writes_every_figure(tmp_path, capsys):
   assert r['jax_vs_torch_pairs']['max'] == pytest.approx(max(pairs))
   row = train_step.format_row({**r, 'name': 'fashion_mnist'})
   assert row.count('|') == train_step.TABLE_HEADER.splitlines()[0].count('|')
+  assert row.startswith('| fashion_mnist | ')
+  wino = train_step.format_row({**r, 'name': 'paper', 'setup': {**r['setup'], 'conv_impl': 'winograd'}})
+  assert wino.startswith('| paper (winograd) | ')
   assert r['gemm_peak']['float32']['peak_flops_per_sec'] > 0
   assert r['memory_mib']['process_max_rss_mib'] > 0
   assert r['memory_mib']['xla_temp_mib'] > 0
@@ -316,7 +319,7 @@ def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_
   for layer in conv_layers.conv_layers(config):
     inputs = conv_layers.make_inputs(layer, 2)
     theirs = conv_layers.torch_parts(layer, inputs)
-    for impl in ('xla', 'onednn'):
+    for impl in ('xla', 'onednn', 'winograd'):
       ours = conv_layers.jax_parts(layer, inputs, impl)
       for part in conv_layers.PARTS:
         a = np.concatenate([np.asarray(t) for t in ours[part]()], -1)
@@ -328,7 +331,15 @@ def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_
   conv1 = r['layers'][0]
   assert conv1['counted_parts'] == ['forward', 'kernel_grad']  # never the images' gradient
   assert r['onednn_missing'] is None
-  for fw in ('xla', 'onednn', 'torch'):
+  # Each 3x3 stride-1 layer asked oneDNN for its Winograd kernels, all three parts.
+  for layer in conv_layers.conv_layers(config):
+    if layer['kernel'] == 3 and layer['stride'] == 1:
+      g = layer['groups']
+      name = (f' {layer["in_channels"]}->{layer["out_channels"]} 3x3'
+              + (f' groups={g}' if g > 1 else '') + ' winograd:')
+      kinds = {line.split()[0] for line in r['onednn_kernels'].splitlines() if name in line}
+      assert kinds >= {'0', '2'}, (name, r['onednn_kernels'])  # forward, kernel gradient
+  for fw in ('xla', 'onednn', 'winograd', 'torch'):
     for row in r['layers']:
       s = row['seconds'][fw]
       assert all(s[p] > 0 for p in conv_layers.PARTS)
@@ -487,3 +498,15 @@ def test_tower_comparison_runs_the_real_steps(tmp_path):
     assert r['flops_per_sec'][name] > 0 and r['compile_sec'][name] > 0
     assert r['setup']['convolutions'][name] == 'onednn'
   assert r['ratio'] == pytest.approx(r['flops_per_sec']['two'] / r['flops_per_sec']['one'])
+
+
+def test_every_suite_case_writes_its_own_file():
+  files = [train_step._case_file(name, batch, dtype, impl)
+           for name, batch, dtype, _, impl in train_step.SUITE]
+  assert len(set(files)) == len(files)
+  assert train_step._case_file('paper', 64, 'float32', 'winograd') == (
+      'train_step_paper_b64_float32_winograd.json')
+  assert train_step._case_file('paper', 64, 'float32', 'auto') == 'train_step_paper_b64_float32.json'
+  config = tiny_single_tower_config()
+  config.global_batch_size, config.conv_impl = 8, 'winograd'
+  assert train_step._default_out(config, 'x').endswith('train_step_x_b8_float32_winograd.json')

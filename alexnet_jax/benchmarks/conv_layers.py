@@ -12,6 +12,9 @@ one process times interleaved:
   onednn  the same with conv_impl='onednn' (`alexnet_jax.onednn`, the CPU
           default; a grouped layer is one call with feature groups); left
           out, with a note, when oneDNN cannot be built;
+  winograd  the same with conv_impl='winograd' (oneDNN's Winograd kernels
+          for the float32 3x3 stride-1 layers, the direct ones elsewhere);
+          left out with onednn;
   torch  `torch.nn.functional.conv2d` (groups = towers for grouped layers,
          channels_last) and `aten.convolution_backward` for the input and the
          kernel gradient alone, as autograd calls it.
@@ -184,7 +187,7 @@ def run_benchmark(config, reps: int) -> dict:
   missing = onednn.unavailable_reason()
   if missing:
     print(f'oneDNN column left out: {missing}')
-  impls = ('xla',) if missing else ('xla', 'onednn')
+  impls = ('xla',) if missing else ('xla', 'onednn', 'winograd')
   rows = []
   for layer in conv_layers(config):
     inputs = make_inputs(layer, batch)
@@ -218,13 +221,15 @@ def run_benchmark(config, reps: int) -> dict:
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', '')},
       'versions': {'jax': jax.__version__, 'torch': torch.__version__,
                    'onednn': None if missing else onednn.version()},
+      'onednn_kernels': None if missing else onednn.describe(),
   }
 
 
 TABLE_HEADER = ('| layer | GFLOP per part | JAX, XLA kernels: fwd / dx / dW ms '
-                '| JAX, oneDNN kernels: fwd / dx / dW ms | PyTorch fwd / dx / dW ms '
-                '| XLA / PyTorch time | JAX oneDNN / PyTorch time |\n'
-                '|---|---|---|---|---|---|---|')
+                '| JAX, oneDNN kernels: fwd / dx / dW ms '
+                '| JAX, oneDNN with Winograd: fwd / dx / dW ms | PyTorch fwd / dx / dW ms '
+                '| XLA / PyTorch time | JAX oneDNN / PyTorch time | Winograd / PyTorch time |\n'
+                '|---|---|---|---|---|---|---|---|---|')
 
 
 def format_row(r: dict) -> str:
@@ -235,7 +240,8 @@ def format_row(r: dict) -> str:
                       for p in PARTS)
   ratio = lambda i: f'{r["vs_torch_time"][i]:.2f}' if i in r['vs_torch_time'] else 'n/a'  # noqa: E731
   return (f'| {r["layer"]} | {r["flops_per_part"] / 1e9:.1f} | {parts("xla")} | '
-          f'{parts("onednn")} | {parts("torch")} | {ratio("xla")} | {ratio("onednn")} |')
+          f'{parts("onednn")} | {parts("winograd")} | {parts("torch")} | {ratio("xla")} | '
+          f'{ratio("onednn")} | {ratio("winograd")} |')
 
 
 def main(argv):
@@ -255,7 +261,7 @@ def main(argv):
   print('all convolutions (* not counted): ' + ', '.join(
       f'{label} {1e3 * t[k]:.0f} ms' for k, label in
       (('xla', 'JAX with XLA kernels'), ('onednn', 'JAX with oneDNN kernels'),
-       ('torch', 'PyTorch')) if k in t))
+       ('winograd', 'JAX with oneDNN Winograd kernels'), ('torch', 'PyTorch')) if k in t))
   print('time against PyTorch: ' + ', '.join(
       f'{k} {v:.2f}' for k, v in result['vs_torch_time'].items()))
   benchmarks.write_json(result, out)

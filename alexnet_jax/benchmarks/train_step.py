@@ -93,15 +93,18 @@ flags.DEFINE_integer('towers_at', 0, 'Instead of JAX against PyTorch: the two-to
 flags.DEFINE_bool('lrn_controls', False, 'With --towers_at: also time each network with '
                   'the other\'s LRN setting and compare them like for like.')
 
-# (config file, global batch, dtype, steps per repetition): the README's table.
+# (config file, global batch, dtype, steps per repetition, conv_impl): the
+# README's table.
 SUITE = (
-    ('paper', 64, 'float32', 1),
-    ('paper', 128, 'float32', 1),
-    ('single_tower', 64, 'float32', 1),
-    ('single_tower', 128, 'float32', 1),
-    ('fashion_mnist', 128, 'float32', 20),
-    ('paper', 64, 'bfloat16', 1),
-    ('single_tower', 64, 'bfloat16', 1),
+    ('paper', 64, 'float32', 1, 'auto'),
+    ('paper', 128, 'float32', 1, 'auto'),
+    ('single_tower', 64, 'float32', 1, 'auto'),
+    ('single_tower', 128, 'float32', 1, 'auto'),
+    ('fashion_mnist', 128, 'float32', 20, 'auto'),
+    ('paper', 64, 'bfloat16', 1, 'auto'),
+    ('single_tower', 64, 'bfloat16', 1, 'auto'),
+    ('paper', 64, 'float32', 1, 'winograd'),
+    ('single_tower', 64, 'float32', 1, 'winograd'),
 )
 # The per-FLOP target's two networks, timed by `compare_towers`.
 TOWER_CONFIGS = ('paper', 'single_tower')
@@ -536,9 +539,15 @@ def benchmark_and_write(config, name: str, out: str, **options) -> dict:
   return result
 
 
+def _case_file(name: str, batch: int, dtype: str, conv_impl: str) -> str:
+  """The JSON file name of one case; conv_impl 'winograd' gets its own."""
+  impl = '_winograd' if conv_impl == 'winograd' else ''
+  return f'train_step_{name}_b{batch}_{dtype}{impl}.json'
+
+
 def _default_out(config, name: str) -> str:
-  return os.path.join('benchmarks_out', f'train_step_{name}_b{config.global_batch_size}'
-                      f'_{config.dtype}.json')
+  return os.path.join('benchmarks_out', _case_file(name, config.global_batch_size,
+                                                   config.dtype, config.conv_impl))
 
 
 def _interval(pairs: dict) -> str:
@@ -553,7 +562,8 @@ def _pair_range(r: dict) -> str:
 
 def format_row(r: dict) -> str:
   ips = r['images_per_sec']
-  return (f'| {r["name"]} | {r["image_size"]} | {r["batch"]} | {r["dtype"]} | '
+  winograd = ' (winograd)' if r['setup'].get('conv_impl') == 'winograd' else ''
+  return (f'| {r["name"]}{winograd} | {r["image_size"]} | {r["batch"]} | {r["dtype"]} | '
           f'{ips["jax"]:.1f} | {ips["torch"]:.1f} | {r["jax_vs_torch"]:.2f} | '
           f'{_pair_range(r)} | '
           f'{r["achieved_flops_per_sec"]["jax"] / 1e9:.0f} | {100 * r["mfu"]["jax"]:.0f}% | '
@@ -578,20 +588,21 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
       return json.load(f)
 
   results = [
-      run(os.path.join(out_dir, f'train_step_{name}_b{batch}_{dtype}.json'),
+      run(os.path.join(out_dir, _case_file(name, batch, dtype, impl)),
           [f'--config={os.path.join(_REPO, "configs", name + ".py")}',
            f'--config.global_batch_size={batch}', f'--config.dtype={dtype}',
-           f'--steps={steps}'] + extra_args)
-      for name, batch, dtype, steps in SUITE]
+           f'--config.conv_impl={impl}', f'--steps={steps}'] + extra_args)
+      for name, batch, dtype, steps, impl in SUITE]
   towers = {
       f'b{batch}': run(os.path.join(out_dir, f'train_step_towers_b{batch}.json'),
                        [f'--towers_at={batch}', '--lrn_controls', f'--reps={TOWERS_REPS}',
                         f'--steps={TOWERS_STEPS}', f'--warmup={TOWERS_WARMUP}'])
-      for batch in sorted({b for n, b, _, _ in SUITE if n in TOWER_CONFIGS})}
+      for batch in sorted({b for n, b, *_ in SUITE if n in TOWER_CONFIGS})}
   table = [TABLE_HEADER] + [format_row(r) for r in results]
-  by_case = {(r['name'], r['batch'], r['dtype']): r for r in results}
+  by_case = {(r['name'], r['batch'], r['dtype']): r for r in results
+             if r['setup'].get('conv_impl') != 'winograd'}
   per_flop = {}
-  for batch in sorted({b for _, b, _, _ in SUITE}):
+  for batch in sorted({b for _, b, *_ in SUITE}):
     two, one = by_case.get(('paper', batch, 'float32')), by_case.get(('single_tower', batch, 'float32'))
     if two and one:
       per_flop[f'b{batch}'] = (two['achieved_flops_per_sec']['jax']
