@@ -388,7 +388,7 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
   (left, right)); `groups` is XLA's `feature_group_count` (the kernel's I axis
   holds C / groups channels). `winograd`: float32 3x3 stride-1 convolutions
   (forward and both gradients) run on oneDNN's Winograd F(4x4, 3x3) kernels,
-  1.3-1.7x faster on AlexNet's conv3-conv5 here, with rounding errors up to
+  1.15-1.5x faster on AlexNet's conv3-conv5 here, with rounding errors up to
   about four times the direct kernels'; other layers, and geometries oneDNN
   declines, keep the direct kernels (`describe` tells which ran).
   """
