@@ -637,3 +637,35 @@ def test_model_with_winograd_matches_the_direct_kernels_and_config_checks():
   config.conv_impl, config.dtype = 'winograd', 'bfloat16'
   with pytest.raises(ValueError, match="conv_impl='winograd' runs oneDNN's float32"):
     config_lib.validate(config, 1)
+
+
+def test_a_primitive_built_on_one_thread_runs_on_another():
+  # XLA runs a custom call on whichever of its threads is free. oneDNN's
+  # GEMM-based kernel gradient (which it picks without AVX2, forced here with
+  # ONEDNN_MAX_CPU_ISA) keeps its scratch memory per thread when the library
+  # manages it, and crashed when run on another thread than the one that built
+  # it; the calls give every primitive its own (csrc/onednn_conv.cc).
+  script = textwrap.dedent('''
+      import sys, threading
+      import jax, numpy as np
+      from alexnet_jax import onednn
+      rs = np.random.RandomState(0)
+      x = jax.numpy.asarray(rs.randn(2, 13, 13, 32).astype(np.float32))
+      w = jax.numpy.asarray(rs.randn(3, 3, 32, 48).astype(np.float32) * 0.1)
+      grads = lambda x, w: jax.grad(
+          lambda x, w: onednn.conv_nhwc(x, w, 1, 'SAME').sum(), (0, 1))(x, w)
+      want = grads(x, w)  # every primitive built on this thread
+      got = []
+      thread = threading.Thread(target=lambda: got.append(grads(x, w)))
+      thread.start()
+      thread.join()
+      for g, r in zip(got[0], want):
+        np.testing.assert_array_equal(g, r)
+      print(onednn.describe())
+  ''')
+  env = dict(os.environ, ONEDNN_MAX_CPU_ISA='SSE41', JAX_PLATFORMS='cpu')
+  proc = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True,
+                        text=True, check=False, timeout=300)
+  assert proc.returncode == 0, (proc.returncode, proc.stderr[-3000:])
+  if _has_avx512():  # the kernel gradient really was the GEMM-based one
+    assert '2 32->48 3x3: x64:gemm:jit' in proc.stdout, proc.stdout

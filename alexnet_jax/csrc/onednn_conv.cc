@@ -73,13 +73,22 @@ struct Entry {
   dnnl::memory::desc prim_wei;                       // oneDNN's kernel layout
   std::optional<dnnl::reorder> wei_reorder;          // HWIO <-> prim_wei
   std::string impl;
+  dnnl::memory::desc scratch;  // the scratch memory a call gives the primitive
   // Winograd only: the primitive is one group's, user_* are one group's
   // views into the whole arrays (advanced by group_* elements per group), and
   // the activations are reordered to and from oneDNN's layouts prim_*.
   bool per_group = false;
-  dnnl::memory::desc prim_src, prim_dst, scratch;  // scratch: the primitive's own
+  dnnl::memory::desc prim_src, prim_dst;
   int64_t group_src = 0, group_wei = 0, group_dst = 0;
 };
+
+// ScratchMemory: every primitive gets its scratch memory from the call that
+// runs it (scratchpad_mode::user, allocated per call; `scratch` in Entry).
+// oneDNN's own (scratchpad_mode::library) is, for some kernels (the Winograd
+// ones, and the GEMM-based kernel gradients it picks on CPUs without AVX2), a
+// buffer per thread, which oneDNN requires to be the thread that built the
+// primitive. XLA runs a call on whichever of its threads is free, and such a
+// primitive built on another thread crashed. Per call, the step was as fast.
 
 std::mutex cache_mutex;
 std::map<Key, std::shared_ptr<Entry>>& Cache() {
@@ -111,11 +120,8 @@ std::shared_ptr<Entry> BuildWinograd(Kind kind, dnnl::memory::data_type dt,
   const memory::dims strides = {g.sh, g.sw}, pad_l = {g.pt, g.pl}, pad_r = {g.pb, g.pr};
   const auto wino = dnnl::algorithm::convolution_winograd;
   auto& eng = Engine();
-  // The calls bring their own scratch memory: with the library's, a
-  // primitive run on another thread than the one that made it (XLA's
-  // workers) used that thread's smaller buffer and crashed.
   dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // see ScratchMemory
   try {
     dnnl::convolution_forward::primitive_desc fwd_pd(
         dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any,
@@ -189,7 +195,7 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
   if (g.bias) e->bias = memory::desc({g.o}, dt, tag::a);
   auto& eng = Engine();
   dnnl::primitive_attr attr;
-  attr.set_scratchpad_mode(dnnl::scratchpad_mode::library);
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);  // see ScratchMemory
   // A zero bias descriptor leaves the bias out.
   dnnl::convolution_forward::desc fwd_d(
       dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
@@ -202,6 +208,7 @@ std::shared_ptr<Entry> Build(Kind kind, dnnl::memory::data_type dt,
     e->conv = conv;
     e->impl = pd.impl_info_str();
     e->prim_wei = prim_wei;
+    e->scratch = pd.scratchpad_desc();
     if (prim_wei == e->user_wei) return;
     memory user(e->user_wei, eng), prim(prim_wei, eng);
     e->wei_reorder = from_user ? dnnl::reorder(user, prim) : dnnl::reorder(prim, user);
@@ -350,6 +357,7 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
                   static_cast<char*>(b.untyped_data()), static_cast<char*>(out->untyped_data()),
                   bias ? static_cast<char*>(bias->untyped_data()) : nullptr, s);
     } else if (kind == kFwd || kind == kBwdData) {
+      memory scratch(e->scratch, eng);
       memory act(kind == kFwd ? e->user_src : e->user_dst, eng,
                  a.untyped_data());
       memory wei(e->user_wei, eng, b.untyped_data());
@@ -363,21 +371,22 @@ ffi::Error Run(Kind kind, ffi::AnyBuffer a, ffi::AnyBuffer b,
       if (kind == kFwd && bias)
         e->conv.execute(s, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, pw},
                             {DNNL_ARG_BIAS, memory(e->bias, eng, bias->untyped_data())},
-                            {DNNL_ARG_DST, res}});
+                            {DNNL_ARG_DST, res}, {DNNL_ARG_SCRATCHPAD, scratch}});
       else if (kind == kFwd)
         e->conv.execute(s, {{DNNL_ARG_SRC, act}, {DNNL_ARG_WEIGHTS, pw},
-                            {DNNL_ARG_DST, res}});
+                            {DNNL_ARG_DST, res}, {DNNL_ARG_SCRATCHPAD, scratch}});
       else
         e->conv.execute(s, {{DNNL_ARG_DIFF_DST, act}, {DNNL_ARG_WEIGHTS, pw},
-                            {DNNL_ARG_DIFF_SRC, res}});
+                            {DNNL_ARG_DIFF_SRC, res}, {DNNL_ARG_SCRATCHPAD, scratch}});
     } else {
+      memory scratch(e->scratch, eng);
       memory src(e->user_src, eng, a.untyped_data());
       memory ddst(e->user_dst, eng, b.untyped_data());
       memory dw(e->user_wei, eng, out->untyped_data());
       memory pdw = dw;
       if (e->wei_reorder) pdw = memory(e->prim_wei, eng);
       e->conv.execute(s, {{DNNL_ARG_SRC, src}, {DNNL_ARG_DIFF_DST, ddst},
-                          {DNNL_ARG_DIFF_WEIGHTS, pdw}});
+                          {DNNL_ARG_DIFF_WEIGHTS, pdw}, {DNNL_ARG_SCRATCHPAD, scratch}});
       if (e->wei_reorder) e->wei_reorder->execute(s, pdw, dw);
     }
     s.wait();
