@@ -17,6 +17,7 @@ import ml_collections
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
 KNOWN_DTYPES = ('float32', 'bfloat16')
 KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn', 'winograd')  # see models.uses_onednn
+FORCED_ONEDNN_IMPLS = ('onednn', 'winograd')  # an error, not XLA, without oneDNN
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -154,7 +155,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
   if config.conv_impl not in KNOWN_CONV_IMPLS:
     fail(f'conv_impl={config.conv_impl!r}; use one of {KNOWN_CONV_IMPLS}')
-  if config.conv_impl in ('onednn', 'winograd'):
+  if config.conv_impl in FORCED_ONEDNN_IMPLS:
     # Imported here: configs load before the entry points set XLA_FLAGS.
     import jax  # pylint: disable=g-import-not-at-top
     from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top

@@ -259,10 +259,10 @@ def uses_onednn(impl: str, dtype=jnp.float32) -> bool:
   if impl == 'xla' or jax.default_backend() != 'cpu':
     return False
   if jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
-    if impl in ('onednn', 'winograd'):
+    if impl in config_lib.FORCED_ONEDNN_IMPLS:
       raise ValueError(f"conv_impl={impl!r} runs float32 and bfloat16, not {dtype}")
     return False
-  if impl in ('onednn', 'winograd'):
+  if impl in config_lib.FORCED_ONEDNN_IMPLS:
     onednn.load()  # raises OneDNNUnavailable saying what to install
     return True
   reason = onednn.unavailable_reason()

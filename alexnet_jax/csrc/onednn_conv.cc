@@ -127,40 +127,33 @@ std::shared_ptr<Entry> BuildWinograd(Kind kind, dnnl::memory::data_type dt,
         dnnl::convolution_forward::desc(dnnl::prop_kind::forward_training, wino, src_any,
                                         wei_any, e->bias, dst_any, strides, pad_l, pad_r),
         attr, eng);
-    memory::desc wei;
+    // The primitive and oneDNN's layouts of its activations (x or dx, y or
+    // dy) and kernel (w or dw); RunPerGroup reorders to and from them.
+    auto take = [&](dnnl::primitive conv, const dnnl::primitive_desc& pd, memory::desc src,
+                    memory::desc dst, memory::desc wei) {
+      e->conv = conv;
+      e->impl = pd.impl_info_str();
+      e->scratch = pd.scratchpad_desc();
+      e->prim_src = src, e->prim_dst = dst, e->prim_wei = wei;
+    };
     if (kind == kFwd) {
-      e->conv = dnnl::convolution_forward(fwd_pd);
-      e->impl = fwd_pd.impl_info_str();
-      e->scratch = fwd_pd.scratchpad_desc();
-      e->prim_src = fwd_pd.src_desc();
-      e->prim_dst = fwd_pd.dst_desc();
-      wei = fwd_pd.weights_desc();
+      take(dnnl::convolution_forward(fwd_pd), fwd_pd, fwd_pd.src_desc(), fwd_pd.dst_desc(),
+           fwd_pd.weights_desc());
     } else if (kind == kBwdData) {
       dnnl::convolution_backward_data::primitive_desc pd(
           dnnl::convolution_backward_data::desc(wino, src_any, wei_any, dst_any, strides,
                                                 pad_l, pad_r),
           attr, eng, fwd_pd);
-      e->conv = dnnl::convolution_backward_data(pd);
-      e->impl = pd.impl_info_str();
-      e->scratch = pd.scratchpad_desc();
-      e->prim_src = pd.diff_src_desc();
-      e->prim_dst = pd.diff_dst_desc();
-      wei = pd.weights_desc();
+      take(dnnl::convolution_backward_data(pd), pd, pd.diff_src_desc(), pd.diff_dst_desc(),
+           pd.weights_desc());
     } else {
       dnnl::convolution_backward_weights::primitive_desc pd(
           dnnl::convolution_backward_weights::desc(wino, src_any, wei_any, dst_any, strides,
                                                    pad_l, pad_r),
           attr, eng, fwd_pd);
-      e->conv = dnnl::convolution_backward_weights(pd);
-      e->impl = pd.impl_info_str();
-      e->scratch = pd.scratchpad_desc();
-      e->prim_src = pd.src_desc();
-      e->prim_dst = pd.diff_dst_desc();
-      wei = pd.diff_weights_desc();
+      take(dnnl::convolution_backward_weights(pd), pd, pd.src_desc(), pd.diff_dst_desc(),
+           pd.diff_weights_desc());
     }
-    e->prim_wei = wei;
-    memory user(e->user_wei, eng), prim(wei, eng);
-    e->wei_reorder = kind == kBwdWeights ? dnnl::reorder(prim, user) : dnnl::reorder(user, prim);
   } catch (const dnnl::error&) {
     return nullptr;  // no Winograd kernel here: the direct ones run instead
   }
@@ -264,26 +257,18 @@ void RunPerGroup(const Entry& e, Kind kind, int64_t groups, size_t esize, char* 
   };
   memory scratch(e.scratch, eng);
   for (int64_t gi = 0; gi < groups; ++gi) {
-    char* src = nullptr;  // this group's x, or dx
-    char* dst = nullptr;  // its y, or dy
-    char* wei = nullptr;  // its w, or dw
-    if (kind == kFwd) {
-      src = a + gi * e.group_src * esize, wei = b + gi * e.group_wei * esize;
-      dst = out + gi * e.group_dst * esize;
-    } else if (kind == kBwdData) {
-      dst = a + gi * e.group_dst * esize, wei = b + gi * e.group_wei * esize;
-      src = out + gi * e.group_src * esize;
-    } else {
-      src = a + gi * e.group_src * esize, dst = b + gi * e.group_dst * esize;
-      wei = out + gi * e.group_wei * esize;
-    }
+    // This group's place in the whole arrays: x or dx, y or dy, w or dw.
+    const auto at = [&](char* p, int64_t per_group) { return p + gi * per_group * esize; };
+    char* src = at(kind == kBwdData ? out : a, e.group_src);
+    char* dst = at(kind == kFwd ? out : kind == kBwdData ? a : b, e.group_dst);
+    char* wei = at(kind == kBwdWeights ? out : b, e.group_wei);
     if (kind == kFwd) {
       memory x = into(e.user_src, src, e.prim_src), w = into(e.user_wei, wei, e.prim_wei);
       memory y(e.prim_dst, eng);
       std::unordered_map<int, memory> args = {
           {DNNL_ARG_SRC, x}, {DNNL_ARG_WEIGHTS, w}, {DNNL_ARG_DST, y},
           {DNNL_ARG_SCRATCHPAD, scratch}};
-      if (bias) args[DNNL_ARG_BIAS] = memory(e.bias, eng, bias + gi * e.group_dst * esize);
+      if (bias) args[DNNL_ARG_BIAS] = memory(e.bias, eng, at(bias, e.group_dst));
       e.conv.execute(s, args);
       back(y, e.user_dst, dst);
     } else if (kind == kBwdData) {
