@@ -16,7 +16,7 @@ import ml_collections
 
 KNOWN_DATASETS = ('fashion_mnist', 'imagenet2012')
 KNOWN_DTYPES = ('float32', 'bfloat16')
-KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn', 'winograd')  # see models.uses_onednn
+KNOWN_CONV_IMPLS = ('auto', 'xla', 'onednn', 'winograd')  # see alexnet_jax/backend.py
 FORCED_ONEDNN_IMPLS = ('onednn', 'winograd')  # an error, not XLA, without oneDNN
 
 
@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   # ImageNet preprocessing (sections 2 and 4.1 of the paper).
   c.dataset.resize_size = 256  # shorter side -> 256, then the central 256x256
   # True: read a one-off copy of the dataset stored as resize_size squares, as
-  # the paper did (written on first use, alexnet_jax/imagenet_squares.py);
+  # the paper did (written on first use, alexnet_jax/data/imagenet_squares.py);
   # training then decodes only each 227 crop and never rescales. False:
   # decode and rescale the original JPEGs in every epoch.
   c.dataset.prescaled = True
@@ -90,11 +90,12 @@ def base_config() -> ml_collections.ConfigDict:
   # False: alpha as printed in the paper. True: alpha / size (Caffe, PyTorch).
   c.model.lrn.alpha_over_size = False
   c.dtype = 'float32'  # compute dtype; params and optimiser state stay float32
-  # Convolution kernels: 'auto' runs oneDNN's on the CPU when it can be built
-  # (alexnet_jax/onednn.py) and XLA's otherwise and on GPUs; 'xla' or 'onednn'
-  # force one (oneDNN on the CPU backend only); 'winograd' is 'onednn' with
-  # its Winograd kernels for the float32 3x3 stride-1 layers (faster on the
-  # CPU; rounding differs).
+  # Implementation of the network's operations (alexnet_jax/backend.py):
+  # 'auto' runs the CPU kernels (alexnet_jax/cpu) on the CPU when they can be
+  # built and the reference ops (alexnet_jax/ops.py) otherwise and on GPUs;
+  # 'xla' or 'onednn' force one (the CPU kernels on the CPU backend only);
+  # 'winograd' is 'onednn' with oneDNN's Winograd kernels for the float32 3x3
+  # stride-1 layers (faster on the CPU; rounding differs).
   c.conv_impl = 'auto'
 
   c.optimizer = ml_collections.ConfigDict()
@@ -155,13 +156,6 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f'dtype={config.dtype!r}; use one of {KNOWN_DTYPES}')
   if config.conv_impl not in KNOWN_CONV_IMPLS:
     fail(f'conv_impl={config.conv_impl!r}; use one of {KNOWN_CONV_IMPLS}')
-  if config.conv_impl in FORCED_ONEDNN_IMPLS:
-    # Imported here: configs load before the entry points set XLA_FLAGS.
-    import jax  # pylint: disable=g-import-not-at-top
-    from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
-    reason = jax.default_backend() == 'cpu' and onednn.unavailable_reason()
-    if reason:
-      fail(f"conv_impl={config.conv_impl!r}, but {reason}")
   if config.conv_impl == 'winograd' and config.dtype != 'float32':
     fail(f"conv_impl='winograd' runs oneDNN's float32 Winograd kernels; dtype is "
          f"{config.dtype!r}: use conv_impl='auto' for it")

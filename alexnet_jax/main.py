@@ -14,15 +14,20 @@ import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
+from alexnet_jax import backend  # pylint: disable=g-import-not-at-top
 from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
 
-xla_flags.set_cpu_defaults()  # XLA reads XLA_FLAGS once, before JAX loads
+backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
 
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 from ml_collections import config_flags
+
+from alexnet_jax import data
+from alexnet_jax import distributed
+from alexnet_jax import train
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(_REPO, 'configs', 'fashion_mnist.py')
@@ -45,12 +50,7 @@ flags.DEFINE_integer('process_id', None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  # Imported here so that --help stays fast and TF sees its settings first.
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import distributed  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-  input_pipeline.configure_tensorflow()
+  data.configure_tensorflow()
   if not flags.FLAGS['verbosity'].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and tfds are chatty at INFO
   config = flags.FLAGS.config
@@ -76,5 +76,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  xla_flags.restart_with_malloc_defaults('alexnet_jax.main')  # see xla_flags: "Memory"
+  backend.configure_process(restart_module='alexnet_jax.main')  # malloc settings on the CPU
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -32,9 +32,9 @@ class MomentumRule(NamedTuple):
 
 
 class PaperMomentum(optax.GradientTransformationExtraArgs):
-  """`paper_momentum`'s transformation. Its `rule` lets `train.apply_optimizer`
-  compute the update and apply it in one pass over each parameter on the
-  CPU kernels (`onednn.momentum_update`), with the same values."""
+  """`paper_momentum`'s transformation. Its `rule` lets an `Ops.apply_optimizer`
+  compute the update its own way (the CPU kernels: one pass over each
+  parameter), with the same values."""
   rule: MomentumRule
 
 

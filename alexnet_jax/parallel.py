@@ -1,4 +1,4 @@
-"""Model parallelism of the two towers, combined with data parallelism.
+"""How devices share the work: data parallelism, and the paper's split of the towers.
 
 The paper trained its network on two GPUs, one tower per GPU; the GPUs
 exchanged activations only at the inputs of conv3, fc6, fc7 and fc8. This
@@ -9,14 +9,19 @@ form (data replica, tower) pairs:
 
 so with 4 devices and 2 towers, devices 0 and 1 are the two towers of replica
 0 and see the same images, devices 2 and 3 those of replica 1. Each device
-computes only its own tower. The towers of a replica all-gather activations
-at the four exchange points above (`Layout.tower_groups`); gradients are
-averaged over the replicas holding the same tower (`Layout.replica_groups`).
-A single pmap with `axis_index_groups` is used because nested pmaps (data x
-model) fail on the jax version this project runs on.
+runs the one network (`model.AlexNet`) with `split=towers`, so it computes
+only its own tower, and with an `exchange` that all-gathers the towers'
+activations within a replica (`Layout.tower_groups`) at the four exchange
+points above and on the logits; gradients are averaged over the replicas
+holding the same tower (`Layout.replica_groups`). Plain data parallelism is
+the layout with one tower per replica (`Layout(n, towers=1)`): every device a
+replica, every exchange the identity. The train and eval steps
+(`train.train_step`, `train.eval_step`) serve both. A single pmap with
+`axis_index_groups` is used because nested pmaps (data x model) fail on the
+jax version this project runs on.
 
 Parameter layout. A tower's parameters are the canonical (single-device)
-parameters of `models.AlexNet` sliced along their last axis: tower t owns
+parameters of `model.AlexNet` sliced along their last axis: tower t owns
 output channels / units `[t * n / towers, (t + 1) * n / towers)` of every
 conv kernel, dense kernel and bias. For the grouped convolutions that slice is
 exactly the tower's group; for conv1, conv3 and the dense layers it is the
@@ -38,24 +43,23 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from alexnet_jax import models
-from alexnet_jax import train as train_lib
+from alexnet_jax import model as model_lib
 
-# `train` is used only inside functions, so that train.py can import this
-# module at its top without an import cycle failing.
+AXIS = 'batch'  # the pmap axis: every device of the run
 
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-  """How `num_devices` devices are divided into towers and data replicas."""
+  """How `num_devices` devices are divided into towers and data replicas.
+
+  towers=1 is plain data parallelism: every device holds the whole network.
+  """
   num_devices: int
   towers: int = 2
 
@@ -76,8 +80,13 @@ class Layout:
             for r in range(self.replicas)]
 
   @property
-  def replica_groups(self) -> list[list[int]]:
-    """Devices that hold the same tower: their gradients are averaged."""
+  def replica_groups(self) -> list[list[int]] | None:
+    """Devices that hold the same tower: their gradients are averaged.
+
+    None (all devices, `lax.pmean`'s default) with one tower per replica.
+    """
+    if self.towers == 1:
+      return None
     return [[r * self.towers + t for r in range(self.replicas)]
             for t in range(self.towers)]
 
@@ -136,8 +145,8 @@ def to_devices(tower_trees: Sequence[Any], layout: Layout, devices: Sequence[Any
   if len(devices) != layout.num_devices or len(tower_trees) != layout.towers:
     raise ValueError(f'{len(devices)} devices and {len(tower_trees)} towers do '
                      f'not match {layout}')
-  mesh = jax.sharding.Mesh(np.array(devices), (train_lib.AXIS,))
-  sharding = jax.NamedSharding(mesh, jax.P(train_lib.AXIS))
+  mesh = jax.sharding.Mesh(np.array(devices), (AXIS,))
+  sharding = jax.NamedSharding(mesh, jax.P(AXIS))
 
   def stack(*per_tower):
     host = [np.asarray(x) for x in per_tower]
@@ -176,178 +185,35 @@ def shard_batch(batch: dict[str, np.ndarray], layout: Layout) -> dict[str, np.nd
       raise ValueError(f'batch of {v.shape[0]} does not split into '
                        f'{layout.replicas} data replicas')
     per_replica = v.reshape((layout.replicas, -1) + v.shape[1:])
-    out[k] = np.repeat(per_replica, layout.towers, axis=0)
+    out[k] = (per_replica if layout.towers == 1
+              else np.repeat(per_replica, layout.towers, axis=0))
   return out
 
 
-# ---------------------------------------------------------------- forward
+# ---------------------------------------------------------------- the network
 
 
-def _gather_towers(x: jax.Array, layout: Layout) -> jax.Array:
+def gather_towers(x: jax.Array, layout: Layout) -> jax.Array:
   """Concatenates the towers' channels along the last axis, in tower order.
 
   Tower order is the canonical channel order, so the result is what the
   single-device network holds at this point. Its transpose (a reduce-scatter)
   returns each tower the summed gradient of its own channels.
   """
-  return jax.lax.all_gather(x, train_lib.AXIS, axis_index_groups=layout.tower_groups,
+  return jax.lax.all_gather(x, AXIS, axis_index_groups=layout.tower_groups,
                             axis=-1, tiled=True)
 
 
-def tower_apply(tower_params, images_BHWC: jax.Array, *, model: models.AlexNet,
-                layout: Layout, train: bool, rng: jax.Array | None = None) -> jax.Array:
-  """This device's tower of `model`; returns the full (gathered) logits.
+def split_model(model: model_lib.AlexNet, layout: Layout) -> model_lib.AlexNet:
+  """The network each device of `layout` runs: its own tower, exchanging with the others.
 
-  Must run inside a pmap over axis `train.AXIS` laid out as `layout`.
-  `model` supplies the hyper-parameters (as built by `models.create_model`);
-  the computation matches `model.apply` on the canonical parameters.
-
-  Args:
-    tower_params: this device's slice of the canonical parameters.
-    images_BHWC: this replica's images (the same on every tower).
-    model: the single-device module whose settings are reproduced.
-    layout: the device layout; `layout.towers` must equal `model.towers`.
-    train: apply dropout.
-    rng: dropout key, needed when `train` and the dropout rate is positive.
+  Must run inside a pmap over axis `AXIS` laid out as `layout`, on the
+  device's slice of the parameters (`split_params`). One tower per replica:
+  `model` itself.
   """
+  if layout.towers == 1:
+    return model
   if model.towers != layout.towers:
     raise ValueError(f'model has {model.towers} towers, layout {layout.towers}')
-  p, dt = tower_params, model.dtype
-
-  def conv(name, x, i, stride=1, padding=None, then_pool=None):
-    k = model.kernel_sizes[i]
-    pad = k // 2 if padding is None else padding
-    if isinstance(pad, int):
-      pad = [(pad, pad), (pad, pad)]
-    return models.conv_nhwc(x.astype(dt), p[name]['kernel'].astype(dt), stride, pad,
-                            model.conv_impl, bias=p[name]['bias'], then_pool=then_pool)
-
-  def conv_block(name, x, i, lrn, **conv_args):
-    # As `AlexNet.conv_block`. A tower's maps are exactly one normalisation
-    # block of the canonical network, whose windows never cross towers.
-    if models.uses_onednn(model.conv_impl, dt):
-      return conv(name, x, i, then_pool=model.pool_args(lrn, towers=1), **conv_args)
-    return model.relu_lrn_pool(conv(name, x, i, **conv_args), lrn, towers=1)
-
-  def dense(name, x):
-    return x.astype(dt) @ p[name]['kernel'].astype(dt) + p[name]['bias'].astype(dt)
-
-  def dropout(x, i):
-    rate = model.dropout_rate
-    if not train or rate == 0.0:
-      return x
-    # Each tower drops its own units before they are gathered, so every
-    # unit is dropped by exactly one device and all devices agree.
-    keep = jax.random.bernoulli(jax.random.fold_in(rng, i), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-  x = conv_block('conv1', images_BHWC, 0, lrn=True, stride=model.conv1_stride,
-                 padding=model.conv1_padding)
-  x = conv_block('conv2', x, 1, lrn=True)
-  x = nn.relu(conv('conv3', _gather_towers(x, layout), 2))  # exchange 1
-  x = nn.relu(conv('conv4', x, 3))
-  x = conv_block('conv5', x, 4, lrn=False)
-  # Gathered before flattening, so the features are in the canonical
-  # (h, w, c) order that fc6's kernel rows follow.
-  x = _gather_towers(x, layout)  # exchange 2
-  x = x.reshape((x.shape[0], -1))
-  num_hidden = len(model.fc_features)
-  for i in range(num_hidden):
-    if i:
-      x = _gather_towers(x, layout)  # exchange 3 (fc7 input)
-    x = dropout(nn.relu(dense(f'fc{i + 6}', x)), i)
-  x = _gather_towers(x, layout)  # exchange 4 (fc8 input)
-  logits = dense(f'fc{num_hidden + 6}', x)
-  return _gather_towers(logits, layout).astype(jnp.float32)
-
-
-# ---------------------------------------------------------------- steps
-
-
-def tower_grads(tower_params, batch, *, model: models.AlexNet, layout: Layout,
-                rng: jax.Array | None = None, train: bool = True):
-  """(loss, logits, grads) of this device's tower, grads averaged over replicas.
-
-  Differentiating through the all-gathers sums the cotangents of every device
-  of a replica, i.e. gives the gradient of the sum of their losses. All
-  towers of a replica compute the same loss, so each contributes
-  loss / towers and the sum is the replica's loss.
-  """
-  def loss_fn(params):
-    logits = tower_apply(params, batch['image'], model=model, layout=layout,
-                         train=train, rng=rng)
-    loss = train_lib.cross_entropy(logits, batch['label']).mean()
-    return loss / layout.towers, (loss, logits)
-
-  (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(tower_params)
-  grads = train_lib.mean_over_devices(
-      grads, layout.replica_groups, cpu_kernels=models.uses_onednn(model.conv_impl, model.dtype))
-  return loss, logits, grads
-
-
-def model_parallel_train_step(state, batch, *, model: models.AlexNet, layout: Layout,
-                              tx: optax.GradientTransformationExtraArgs,
-                              schedule: Callable[[jax.Array], jax.Array], seed: int):
-  """`train.train_step` for a state in the model-parallel layout.
-
-  The dropout key depends on (seed, step, device index); as in
-  `train.train_step`, runs are reproducible for a given device count.
-  """
-  axis = train_lib.AXIS
-  rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
-                           jax.lax.axis_index(axis))
-  loss, logits, grads = tower_grads(state.params, batch, model=model, layout=layout,
-                                    rng=rng)
-  lr = schedule(state.step) * state.lr_scale
-  params, opt_state = train_lib.apply_optimizer(
-      tx, grads, state.opt_state, state.params, lr,
-      cpu_kernels=models.uses_onednn(model.conv_impl, model.dtype))
-  # Every tower of a replica holds the replica's loss and logits, so the mean
-  # over all devices is the mean over replicas.
-  metrics = train_lib.mean_over_devices({
-      'train_loss': loss,
-      'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
-  })
-  metrics['lr'] = lr
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, metrics
-
-
-def model_parallel_eval_step(tower_params, batch, *, model: models.AlexNet,
-                             layout: Layout):
-  """`train.eval_step` for params in the model-parallel layout.
-
-  Counts are summed over one tower's devices only, so each replica's examples
-  count once (every tower of a replica sees the same examples).
-  """
-  images = batch['image']
-  apply = functools.partial(tower_apply, tower_params, model=model, layout=layout,
-                            train=False)
-  if images.ndim == 5:
-    b, crops = images.shape[:2]
-    logits = apply(images.reshape((b * crops,) + images.shape[2:]))
-    probs = jax.nn.softmax(logits).reshape(b, crops, -1).mean(axis=1)
-    logits = jnp.log(probs)
-  else:
-    logits = apply(images)
-  counts = train_lib.masked_counts(logits, batch['label'], batch['mask'])
-  return jax.lax.psum(counts, train_lib.AXIS, axis_index_groups=layout.replica_groups)
-
-
-def make_model_parallel_train_step(*, model: models.AlexNet, layout: Layout,
-                                   tx: optax.GradientTransformationExtraArgs,
-                                   schedule: Callable[[jax.Array], jax.Array],
-                                   seed: int, devices: Sequence[Any]):
-  """The pmapped train step; its state argument is donated."""
-  return jax.pmap(
-      functools.partial(model_parallel_train_step, model=model, layout=layout,
-                        tx=tx, schedule=schedule, seed=seed),
-      axis_name=train_lib.AXIS, devices=devices, donate_argnums=(0,))
-
-
-def make_model_parallel_eval_step(*, model: models.AlexNet, layout: Layout,
-                                  devices: Sequence[Any]):
-  """The pmapped eval step, called as `(device_params, sharded_batch)`."""
-  return jax.pmap(
-      functools.partial(model_parallel_eval_step, model=model, layout=layout),
-      axis_name=train_lib.AXIS, devices=devices)
+  return model.clone(split=layout.towers,
+                     exchange=functools.partial(gather_towers, layout=layout))

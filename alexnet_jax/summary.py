@@ -26,7 +26,11 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+import jax
+import jax.numpy as jnp
+
 from alexnet_jax import config_lib
+from alexnet_jax import model as model_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
 _DEVICES = flags.DEFINE_list('devices', ['2', '4', '8'],
@@ -34,14 +38,11 @@ _DEVICES = flags.DEFINE_list('devices', ['2', '4', '8'],
 
 
 def layer_table(config) -> list[dict]:
-  """One row per conv/fc layer: name, output shape (per image), params, MACs."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
+  """One row per conv/fc layer: name, output shape (per image), params, MACs.
 
-  # XLA's convolutions: on oneDNN's path conv1, conv2 and conv5 return their
-  # pooled maps (`TowerConv.then_pool`); shapes and parameters are the same.
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype, 'xla')
+  A convolution's output is its map before the pooling that follows it.
+  """
+  model = model_lib.create_model(config)
   size = config.dataset.image_size
   x = jnp.zeros((1, size, size, len(config.dataset.mean)), jnp.float32)
 
@@ -53,13 +54,19 @@ def layer_table(config) -> list[dict]:
 
   params, inter = jax.eval_shape(init_and_run, jax.random.key(0))
   rows = []
+  in_hw = (size, size)
   for name, layer in params.items():
-    out = inter[name]['__call__'][0]
-    if isinstance(out, (list, tuple)):  # a TowerConv's towers, side by side
-      out_shape = out[0].shape[1:-1] + (sum(t.shape[-1] for t in out),)
-    else:
-      out_shape = tuple(out.shape[1:])
     kernel = layer['kernel'].shape
+    out = inter[name]['__call__'][0].shape[1:]  # after pooling, for conv1, conv2, conv5
+    if len(kernel) == 4:
+      conv = model.kernel_sizes
+      i = int(name[len('conv'):]) - 1
+      stride = model.conv1_stride if i == 0 else 1
+      pad = model.conv1_padding if i == 0 else conv[i] // 2
+      out_shape = tuple((n + 2 * pad - conv[i]) // stride + 1 for n in in_hw) + (kernel[-1],)
+      in_hw = out[:2]
+    else:
+      out_shape = tuple(out)
     n_params = sum(int(np.prod(p.shape)) for p in layer.values())
     # Each output value costs one multiply-add per kernel weight feeding it:
     # kh * kw * in_channels_per_group for convs, in_features for FC layers.

@@ -1,10 +1,11 @@
 """Training and evaluation: the pmap-ed step, the loop, checkpoints, outputs.
 
-Everything that crosses devices goes through the named axis `AXIS`
-(`lax.pmean` / `lax.psum`), so the same step runs on 1 device or many. With
-several processes (alexnet_jax/distributed.py) the pmaps span the devices of
-all of them, each process feeds its own devices, and process 0 alone writes
-the outputs.
+Everything that crosses devices goes through the named axis `parallel.AXIS`
+(`pmean` / `psum`), so the same step runs on 1 device or many, with the
+network whole on every device or its towers split over device pairs
+(`parallel.Layout`). With several processes (alexnet_jax/distributed.py) the
+pmaps span the devices of all of them, each process feeds its own devices,
+and process 0 alone writes the outputs.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.jax_utils
@@ -25,15 +26,16 @@ import numpy as np
 import optax
 from absl import logging
 
+from alexnet_jax import backend
 from alexnet_jax import checkpointing
 from alexnet_jax import config_lib
-from alexnet_jax import input_pipeline
+from alexnet_jax import data as data_lib
 from alexnet_jax import metric_writers
-from alexnet_jax import models
-from alexnet_jax import onednn
+from alexnet_jax import model as model_lib
 from alexnet_jax import optim
+from alexnet_jax import parallel
 
-AXIS = 'batch'
+AXIS = parallel.AXIS
 
 
 @flax.struct.dataclass
@@ -48,16 +50,7 @@ class NonFiniteLossError(FloatingPointError):
   """The training loss became NaN or infinite."""
 
 
-def unreplicate(tree):
-  """The copy on the first device of a pmap-replicated tree.
-
-  (`flax.jax_utils.unreplicate` keeps the leading axis when pmap ran on a
-  single device of several.)
-  """
-  return jax.tree.map(lambda x: x[0], tree)
-
-
-def create_train_state(config, model: models.AlexNet,
+def create_train_state(config, model: model_lib.AlexNet,
                        tx: optax.GradientTransformation) -> TrainState:
   size = config.dataset.image_size
   channels = len(config.dataset.mean)
@@ -76,111 +69,89 @@ def cross_entropy(logits, labels):
   return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
-def train_step(state: TrainState, batch, *, model: models.AlexNet,
-               tx: optax.GradientTransformationExtraArgs,
+def loss_and_grads(params, batch, rng, *, model: model_lib.AlexNet,
+                   layout: parallel.Layout, train: bool = True):
+  """(loss, logits, grads) of this device's share, grads averaged over its replicas.
+
+  `params` and `model` are this device's (`parallel.split_model`). With the
+  towers split, differentiating through the exchanges sums the cotangents of
+  every device of a replica, i.e. gives the gradient of the sum of their
+  losses; all towers of a replica compute the same loss, so each contributes
+  loss / towers and the sum is the replica's loss.
+  """
+  def loss_fn(params):
+    logits = model.apply({'params': params}, batch['image'], train=train,
+                         rngs={'dropout': rng} if train else None)
+    loss = cross_entropy(logits, batch['label']).mean()
+    return loss / layout.towers, (loss, logits)
+
+  (_, (loss, logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+  grads = model.ops.mean_over_devices(grads, AXIS, layout.replica_groups)
+  return loss, logits, grads
+
+
+def train_step(state: TrainState, batch, *, model: model_lib.AlexNet,
+               layout: parallel.Layout, tx: optax.GradientTransformationExtraArgs,
                schedule: Callable[[jax.Array], jax.Array], seed: int):
-  """One SGD step on this device's shard; gradients averaged over `AXIS`.
+  """One SGD step on this device's share of the batch and of the network.
 
   The dropout key is derived from (seed, step, device index), so a run is
-  reproducible for a given device count.
+  reproducible for a given device count and layout.
   """
   rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), state.step),
                            jax.lax.axis_index(AXIS))
-
-  def loss_fn(params):
-    logits = model.apply({'params': params}, batch['image'], train=True,
-                         rngs={'dropout': rng})
-    return cross_entropy(logits, batch['label']).mean(), logits
-
-  (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  cpu_kernels = models.uses_onednn(model.conv_impl, model.dtype)
-  grads = mean_over_devices(grads, cpu_kernels=cpu_kernels)
+  loss, logits, grads = loss_and_grads(state.params, batch, rng, model=model, layout=layout)
   lr = schedule(state.step) * state.lr_scale
-  params, opt_state = apply_optimizer(tx, grads, state.opt_state, state.params, lr,
-                                      cpu_kernels=cpu_kernels)
-  metrics = mean_over_devices({
+  params, opt_state = model.ops.apply_optimizer(tx, grads, state.opt_state, state.params, lr)
+  # Every tower of a replica holds the replica's loss and logits, so the mean
+  # over all devices is the mean over replicas.
+  metrics = model.ops.mean_over_devices({
       'train_loss': loss,
       'train_top1_error': jnp.mean(jnp.argmax(logits, -1) != batch['label']),
-  }, cpu_kernels=cpu_kernels)
+  }, AXIS)
   metrics['lr'] = lr
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, metrics
 
 
-def mean_over_devices(tree, axis_index_groups: list[list[int]] | None = None, *,
-                      cpu_kernels: bool = False):
-  """`lax.pmean(tree, AXIS, axis_index_groups)`, without the all-reduce where it does nothing.
-
-  cpu_kernels: the step runs on the CPU kernel library (`models.uses_onednn`).
-  Then, where each group is one device, the mean is `onednn.after_all(tree)`:
-  the same values, and the same order as the all-reduce gave the step (nothing
-  reads a leaf before every leaf is computed), without the all-reduce's copy
-  of every operand that XLA CPU keeps even over one device (244 MB of
-  gradients per AlexNet step). Skipping the mean outright was slower: see
-  `onednn.after_all`. One device, interleaved in one process (median step
-  against lax.pmean): see docs/performance.md, "What makes it fast".
-  """
-  size = len(axis_index_groups[0]) if axis_index_groups else jax.lax.axis_size(AXIS)
-  if size == 1 and cpu_kernels:
-    return onednn.after_all(tree)
-  return jax.lax.pmean(tree, AXIS, axis_index_groups=axis_index_groups)
-
-
-def apply_optimizer(tx: optax.GradientTransformationExtraArgs, grads, opt_state,
-                    params, lr, *, cpu_kernels: bool = False):
-  """(new params, new optimiser state): `tx`'s update applied to `params`.
-
-  Inside `jax.pmap` every per-device array reaches the step without its
-  leading axis of 1, so the step's HLO reshapes each parameter and velocity
-  on the way in and back on the way out. XLA CPU will not write a fusion's
-  result over an operand it reads through such a reshape, so it copied every
-  parameter and velocity each step (about 1 GB of memory traffic for
-  AlexNet). Doing the update on `a[None]` views makes the reshapes cancel and
-  the update is written in place; the values are the same bit for bit
-  (tested). Paper model, batch 64, same process, with huge pages but without
-  the other malloc settings of `xla_flags`: 1.42 s -> 0.96 s per step (median
-  of 8 interleaved steps; each copy needed fresh memory, faulted in); with
-  them, 897 and 895 ms.
-
-  cpu_kernels: the step runs on the CPU kernel library (`models.uses_onednn`).
-  Then the paper's rule (`optim.paper_momentum`) on float32 parameters is
-  computed and applied in one pass per parameter by `onednn.momentum_update`
-  (5 passes over the parameters' memory instead of XLA's 7), with the same
-  values bit for bit.
-  """
-  expand = lambda tree: jax.tree.map(lambda a: a[None], tree)
-  squeeze = lambda tree: jax.tree.map(lambda a: a[0], tree)
-  if (cpu_kernels and isinstance(tx, optim.PaperMomentum)
-      and all(a.dtype == jnp.float32 for a in jax.tree.leaves((params, grads, opt_state)))):
-    rule = tx.rule
-    params, velocity = onednn.momentum_update(
-        expand(params), expand(opt_state.velocity), expand(grads), lr,
-        momentum=rule.momentum, decay=optim.decay_rates(rule, params),
-        nesterov=rule.nesterov)
-    return squeeze(params), optim.PaperMomentumState(squeeze(velocity))
-  params = expand(params)
-  updates, opt_state = tx.update(expand(grads), expand(opt_state), params,
-                                 learning_rate=lr)
-  return squeeze(optax.apply_updates(params, updates)), squeeze(opt_state)
-
-
-def eval_step(params, batch, *, model: models.AlexNet):
-  """Sums over this step's real examples (mask 1) of all devices.
+def eval_step(params, batch, *, model: model_lib.AlexNet, layout: parallel.Layout):
+  """Sums over this step's real examples (mask 1) of all replicas.
 
   With images of shape (B, crops, H, W, C) the prediction is the average of
   the softmax over the crops (the paper's 10-patch testing); the returned
-  logits are then log-probabilities.
+  logits are then log-probabilities. Counts are summed over one tower's
+  devices, so each replica's examples count once.
   """
   images = batch['image']
+  apply = lambda x: model.apply({'params': params}, x, train=False)
   if images.ndim == 5:
     b, crops = images.shape[:2]
-    logits = model.apply({'params': params}, images.reshape((b * crops,) + images.shape[2:]),
-                         train=False)
+    logits = apply(images.reshape((b * crops,) + images.shape[2:]))
     probs = jax.nn.softmax(logits).reshape(b, crops, -1).mean(axis=1)
     logits = jnp.log(probs)
   else:
-    logits = model.apply({'params': params}, images, train=False)
-  return jax.lax.psum(masked_counts(logits, batch['label'], batch['mask']), AXIS)
+    logits = apply(images)
+  counts = masked_counts(logits, batch['label'], batch['mask'])
+  return jax.lax.psum(counts, AXIS, axis_index_groups=layout.replica_groups)
+
+
+def make_steps(model: model_lib.AlexNet, layout: parallel.Layout,
+               tx: optax.GradientTransformationExtraArgs,
+               schedule: Callable[[jax.Array], jax.Array], seed: int,
+               devices: Sequence[Any]):
+  """(train step, eval step), pmapped over `devices` laid out as `layout`.
+
+  The train step donates its state; the eval step is called as
+  `(device_params, sharded_batch)`.
+  """
+  model = parallel.split_model(model, layout)
+  p_train_step = jax.pmap(
+      functools.partial(train_step, model=model, layout=layout, tx=tx,
+                        schedule=schedule, seed=seed),
+      axis_name=AXIS, devices=devices, donate_argnums=(0,))
+  p_eval_step = jax.pmap(functools.partial(eval_step, model=model, layout=layout),
+                         axis_name=AXIS, devices=devices)
+  return p_train_step, p_eval_step
 
 
 def masked_counts(logits, labels, mask):
@@ -197,10 +168,9 @@ def masked_counts(logits, labels, mask):
   }
 
 
-def evaluate(p_eval_step, params, batches, num_devices: int,
-             max_batches: int = 0, shard_fn=None) -> dict[str, float]:
+def evaluate(p_eval_step, params, batches, shard_fn: Callable[[dict], dict],
+             max_batches: int = 0) -> dict[str, float]:
   """Top-1/top-5 error over every example the iterator yields."""
-  shard_fn = shard_fn or (lambda b: input_pipeline.shard(b, num_devices))
   totals = None
   for i, batch in enumerate(batches):
     if max_batches and i >= max_batches:
@@ -348,20 +318,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   num_devices = len(devices)
   all_devices = global_devices(num_devices)  # what the pmaps span
   config_lib.validate(config, len(all_devices))
+  ops = backend.select_ops(config.conv_impl, config.dtype)
   local_batch = config.global_batch_size // jax.process_count()
   eval_local_batch = config.eval_batch_size // jax.process_count()
   os.makedirs(workdir, exist_ok=True)
 
-  data = input_pipeline.create_data(config, local_batch=local_batch,
-                                    eval_local_batch=eval_local_batch)
+  data = data_lib.create_data(config, local_batch=local_batch,
+                              eval_local_batch=eval_local_batch)
   steps_per_epoch = data.steps_per_epoch
   total_steps = config.num_epochs * steps_per_epoch
   if config.max_train_steps:
     total_steps = min(total_steps, config.max_train_steps)
   eval_every = max(1, round(config.eval_every_epochs * steps_per_epoch))
 
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
-                              config.conv_impl)
+  model = model_lib.create_model(config, ops)
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(
       config.schedule, config.schedule.base_lr,
@@ -390,38 +360,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       return results
 
   writer = metric_writers.MetricWriter(workdir, enabled=chief)
-  if config.model_parallel == 2:
-    # The paper's split: device pairs hold one tower each (alexnet_jax/parallel.py).
-    from alexnet_jax import parallel  # pylint: disable=g-import-not-at-top
-    if num_devices % 2:
-      raise ValueError(
-          f'Bad config: model_parallel=2 with {num_devices} device(s) per process; '
-          'the two towers of a data replica must be devices of the same process. '
-          'Give every process an even number of devices (launch/local.py '
-          '--devices_per_process=2; under SLURM one task per node, see '
-          'launch/slurm.sbatch)')
-    # Pairs never straddle processes: `all_devices` lists each process's
-    # devices together, an even number of them.
-    layout = parallel.Layout(len(all_devices), towers=2)
-    local_layout = parallel.Layout(num_devices, towers=2)
-    p_train_step = parallel.make_model_parallel_train_step(
-        model=model, layout=layout, tx=tx, schedule=schedule, seed=config.seed,
-        devices=all_devices)
-    p_eval_step = parallel.make_model_parallel_eval_step(
-        model=model, layout=layout, devices=all_devices)
-    state = parallel.state_to_devices(state, local_layout, devices)
-    shard_fn = lambda b: parallel.shard_batch(b, local_layout)
-    to_host = lambda s: parallel.state_from_devices(s, local_layout)
-  else:
-    p_train_step = jax.pmap(
-        functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                          seed=config.seed),
-        axis_name=AXIS, devices=all_devices, donate_argnums=(0,))
-    p_eval_step = jax.pmap(functools.partial(eval_step, model=model),
-                           axis_name=AXIS, devices=all_devices)
-    state = flax.jax_utils.replicate(state, devices)
-    shard_fn = lambda b: input_pipeline.shard(b, num_devices)
-    to_host = unreplicate
+  if config.model_parallel == 2 and num_devices % 2:
+    raise ValueError(
+        f'Bad config: model_parallel=2 with {num_devices} device(s) per process; '
+        'the two towers of a data replica must be devices of the same process. '
+        'Give every process an even number of devices (launch/local.py '
+        '--devices_per_process=2; under SLURM one task per node, see '
+        'launch/slurm.sbatch)')
+  # Tower pairs never straddle processes: `all_devices` lists each process's
+  # devices together, an even number of them.
+  layout = parallel.Layout(len(all_devices), towers=config.model_parallel)
+  local_layout = parallel.Layout(num_devices, towers=config.model_parallel)
+  p_train_step, p_eval_step = make_steps(model, layout, tx, schedule, config.seed,
+                                         all_devices)
+  state = parallel.state_to_devices(state, local_layout, devices)
+  shard_fn = lambda b: parallel.shard_batch(b, local_layout)
+  to_host = lambda s: parallel.state_from_devices(s, local_layout)
 
   def save(step_state):
     ckpt.save(to_host(step_state),
@@ -433,8 +387,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     crops = config.dataset.eval_crops
     if step < total_steps and config.dataset.interim_eval_crops:
       crops = config.dataset.interim_eval_crops
-    result = evaluate(p_eval_step, step_state.params, data.eval(crops), num_devices,
-                      config.max_eval_batches, shard_fn)
+    result = evaluate(p_eval_step, step_state.params, data.eval(crops), shard_fn,
+                      config.max_eval_batches)
     result['eval_crops'] = 10 if crops == 'ten' else 1
     result['epoch'] = step / steps_per_epoch
     writer.write(step, result)

@@ -13,11 +13,16 @@ import pytest
 import tensorflow as tf
 import torch
 
-from alexnet_jax import models
-from alexnet_jax import xla_flags
-from alexnet_jax.benchmarks import torch_alexnet
-from alexnet_jax.benchmarks import train_step
+from alexnet_jax import summary
+from alexnet_jax.cpu import xla_flags
+from benchmarks import conv_layers
+from benchmarks import input_pipeline as input_benchmark
+from benchmarks import torch_alexnet
+from benchmarks import train_step
 from conftest import REPO
+from conftest import needs_cpu_kernels
+from conftest import load_config
+from conftest import make_model
 from conftest import tiny_fashion_config
 
 
@@ -40,7 +45,7 @@ def tiny_single_tower_config():
 
 
 def _flax_and_torch_logits(config, tower_mode, lrn_impl):
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype)
+  model = make_model(config)
   size, channels = config.dataset.image_size, len(config.dataset.mean)
   x = np.random.RandomState(0).randn(3, size, size, channels).astype(np.float32) * 3
   shapes = jax.eval_shape(lambda: model.init({'params': jax.random.key(1)}, jnp.asarray(x),
@@ -101,6 +106,7 @@ def test_train_flops_are_six_times_the_hand_counted_macs():
   assert train_step.train_flops_per_image(tiny_single_tower_config()) == 6 * macs
 
 
+@needs_cpu_kernels
 def test_benchmark_writes_every_figure(tmp_path, capsys):
   out = tmp_path / 'result.json'
   config = _fashion_small()
@@ -159,14 +165,16 @@ def test_xla_defaults_never_override_the_users_flags():
     ('--xla_cpu_experimental_ynn_fusion_type=', '--xla_cpu_experimental_ynn_fusion_type='),
 ])
 def test_trainer_entry_point_sets_the_cpu_defaults_before_jax_loads(user_flags, expected):
+  # XLA reads XLA_FLAGS when JAX opens its first backend (importing JAX opens none).
   probe = ('import os, sys; import alexnet_jax.main; '
-           'print(os.environ["XLA_FLAGS"]); print("jax" in sys.modules)')
+           'print(os.environ["XLA_FLAGS"]); bridge = sys.modules.get("jax._src.xla_bridge"); '
+           'print(bool(bridge and bridge.backends_are_initialized()))')
   env = dict(os.environ, XLA_FLAGS=user_flags)
   env.pop('ALEXNET_XLA_DEFAULTS', None)
   out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, env=env, check=True,
                        capture_output=True, text=True).stdout.split('\n')
   assert out[0] == expected
-  assert out[1] == 'False'  # XLA reads the flags when JAX starts: it must not have
+  assert out[1] == 'False'  # XLA reads the flags when a backend starts: none may have
 
 
 def test_malloc_tunables_are_added_once_and_never_override_the_user():
@@ -180,7 +188,7 @@ def test_malloc_tunables_are_added_once_and_never_override_the_user():
   assert xla_flags.with_malloc_defaults(xla_flags.with_malloc_defaults('')) is None
 
 
-_PROBE = ('import os, sys; from alexnet_jax import xla_flags; '
+_PROBE = ('import os, sys; from alexnet_jax.cpu import xla_flags; '
           'print(os.environ.get("GLIBC_TUNABLES"), sys.argv[1:], flush=True); '
           'xla_flags.restart_with_malloc_defaults("tests.restart_probe")')
 
@@ -226,12 +234,12 @@ def _all_eqns(jaxpr):
           yield from _all_eqns(inner)
 
 
-@pytest.mark.parametrize('conv_impl', ['xla', 'onednn'])
+@pytest.mark.parametrize('conv_impl', ['xla', pytest.param('onednn', marks=needs_cpu_kernels)])
 def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn(conv_impl):
   config = tiny_fashion_config()
   config.dtype = 'bfloat16'
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
-                              conv_impl)
+  config.conv_impl = conv_impl
+  model = make_model(config)
   x = jnp.ones((2, 28, 28, 1), jnp.float32)
   params = jax.eval_shape(lambda: model.init({'params': jax.random.key(0)}, x,
                                              train=False))['params']
@@ -242,17 +250,15 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn(conv_impl):
                        rngs={'dropout': jax.random.key(1)}).sum()
 
   eqns = list(_all_eqns(jax.make_jaxpr(jax.grad(loss))(params).jaxpr))
-  # The LRN sums its windows with a reduce-window, or for narrow towers with a
-  # banded product over (B, H, W, tower, channel) arrays; the FC layers' dots
-  # are 2-D.
+  # The LRN sums its windows with a reduce-window; the FC layers' dots are 2-D.
   lrn = lambda e: (e.primitive.name.startswith('reduce_window') or (
       e.primitive.name == 'dot_general' and e.invars[0].aval.ndim == 5))
   dots = [e for e in eqns if e.primitive.name == 'dot_general' and not lrn(e)]
   sums = [e for e in eqns if lrn(e)]
   if conv_impl == 'xla':
     convs = [e for e in eqns if e.primitive.name == 'conv_general_dilated']
-    # Forward, input and kernel gradients of 8 convolutions (one per tower of
-    # conv2, 4 and 5), less conv1's input gradient.
+    # Forward, input and kernel gradients of 8 convolutions (a grouped layer
+    # is one per tower), less conv1's input gradient.
     assert len(convs) == 8 * 3 - 1 and sums
   else:
     calls = [e for e in eqns if e.primitive.name == 'ffi_call']
@@ -276,7 +282,6 @@ def test_bfloat16_computes_in_bfloat16_with_float32_params_and_lrn(conv_impl):
 
 
 def test_input_benchmark_measures_every_variant_on_the_same_images():
-  from alexnet_jax.benchmarks import input_pipeline as input_benchmark  # pylint: disable=g-import-not-at-top
   jpegs = input_benchmark.make_jpegs(3)
   squares = input_benchmark._squares(jpegs)  # pylint: disable=protected-access
   for data, square in zip(jpegs, squares):
@@ -297,9 +302,6 @@ def test_input_benchmark_measures_every_variant_on_the_same_images():
 
 @pytest.mark.parametrize('name', ['paper', 'single_tower', 'fashion_mnist'])
 def test_conv_layer_geometry_matches_the_models_own_shapes(name):
-  from alexnet_jax import summary  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
-  from conftest import load_config  # pylint: disable=g-import-not-at-top
   config = load_config(name)
   traced = {r['layer']: r for r in summary.layer_table(config)}
   layers = conv_layers.conv_layers(config)
@@ -311,18 +313,18 @@ def test_conv_layer_geometry_matches_the_models_own_shapes(name):
     assert layer['macs_per_image'] == row['macs']
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize('config_fn', [tiny_single_tower_config, _fashion_small])
 def test_conv_layer_benchmark_times_the_same_function_in_both_frameworks(config_fn):
-  from alexnet_jax.benchmarks import conv_layers  # pylint: disable=g-import-not-at-top
   config = config_fn()
   config.global_batch_size = 2
   for layer in conv_layers.conv_layers(config):
     inputs = conv_layers.make_inputs(layer, 2)
     theirs = conv_layers.torch_parts(layer, inputs)
-    for impl in ('xla', 'onednn', 'winograd'):
+    for impl in conv_layers.IMPLS:
       ours = conv_layers.jax_parts(layer, inputs, impl)
       for part in conv_layers.PARTS:
-        a = np.concatenate([np.asarray(t) for t in ours[part]()], -1)
+        a = np.asarray(ours[part]())
         b = theirs[part]().numpy()
         assert a.shape == b.shape, (layer['layer'], part)
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max(),
@@ -488,6 +490,7 @@ def test_median_interval_is_the_binomial_order_statistics_interval():
     train_step.median_interval([])
 
 
+@needs_cpu_kernels
 def test_tower_comparison_runs_the_real_steps(tmp_path):
   configs = {'two': _two_tower_small(), 'one': tiny_single_tower_config()}
   for c in configs.values():
@@ -510,3 +513,23 @@ def test_every_suite_case_writes_its_own_file():
   config = tiny_single_tower_config()
   config.global_batch_size, config.conv_impl = 8, 'winograd'
   assert train_step._default_out(config, 'x').endswith('train_step_x_b8_float32_winograd.json')
+
+
+@pytest.mark.parametrize('name, flag', [('train_step', '--towers_at'),
+                                        ('conv_layers', '--reps'),
+                                        ('input_pipeline', '--num_jpegs')])
+def test_benchmarks_run_as_modules_from_the_repository_root(name, flag):
+  # absl's --help prints the module's flags and exits with status 1.
+  run = subprocess.run([sys.executable, '-m', f'benchmarks.{name}', '--help'], cwd=REPO,
+                       capture_output=True, text=True, timeout=300)
+  assert 'Traceback' not in run.stderr, run.stderr[-2000:]
+  assert f'benchmarks/{name}.py:' in run.stdout and flag in run.stdout, run.stdout[-2000:]
+
+
+@pytest.mark.parametrize('module', ['alexnet_jax.main', 'alexnet_jax.summary'])
+def test_the_package_imports_neither_the_benchmarks_nor_pytorch(module):
+  probe = (f'import sys; import {module}, alexnet_jax.train; '
+           'print(sorted(m for m in sys.modules if m.split(".")[0] in ("benchmarks", "torch")))')
+  out = subprocess.run([sys.executable, '-c', probe], cwd=REPO, check=True,
+                       capture_output=True, text=True).stdout
+  assert out.strip() == '[]'

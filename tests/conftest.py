@@ -13,10 +13,24 @@ import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+from alexnet_jax import backend  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+# Tests of the CPU kernels (alexnet_jax/cpu) run wherever they can be built.
+CPU_KERNELS_MISSING = backend.cpu_kernels_unavailable()
+needs_cpu_kernels = pytest.mark.skipif(
+    CPU_KERNELS_MISSING is not None,
+    reason=f'the CPU kernels cannot be built here: {CPU_KERNELS_MISSING}')
+
 
 def load_config(name: str):
   from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load_file(os.path.join(REPO, 'configs', f'{name}.py'))
+
+
+def make_model(config):
+  """The network of `config`, on the operations `config.conv_impl` selects here."""
+  from alexnet_jax import model as model_lib  # pylint: disable=g-import-not-at-top
+  return model_lib.create_model(config, backend.select_ops(config.conv_impl, config.dtype))
 
 
 def tiny_fashion_config():
@@ -43,7 +57,7 @@ def tiny_config():
 @pytest.fixture(scope='session')
 def fashion_arrays():
   """The real Fashion-MNIST splits (prepared once by the tfds builder)."""
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  from alexnet_jax.data import fashion_mnist  # pylint: disable=g-import-not-at-top
   config = tiny_fashion_config()
-  return {'train': input_pipeline.load_arrays(config, 'train'),
-          'test': input_pipeline.load_arrays(config, 'test')}
+  return {'train': fashion_mnist.load_arrays(config, 'train'),
+          'test': fashion_mnist.load_arrays(config, 'test')}

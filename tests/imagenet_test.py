@@ -21,10 +21,10 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from alexnet_jax import config_lib
-from alexnet_jax import imagenet
-from alexnet_jax import imagenet_squares
-from alexnet_jax import input_pipeline
 from alexnet_jax import train
+from alexnet_jax.data import common
+from alexnet_jax.data import imagenet
+from alexnet_jax.data import imagenet_squares
 from conftest import REPO, load_config
 
 # The labels of the first validation images in tfds's validation_labels.txt:
@@ -170,7 +170,7 @@ def test_center_square_resize_is_the_paper_rescale_and_centre_crop(in_tf_data):
   for photo, size in ((skimage.data.chelsea(), 200),
                       (np.ascontiguousarray(skimage.data.coffee().transpose(1, 0, 2)), 128)):
     data = _jpeg(photo)
-    out = _run(lambda j, size=size: imagenet.center_square_resize(j, size), tf.constant(data),
+    out = _run(lambda j, size=size: common.center_square_resize(j, size), tf.constant(data),
                in_tf_data=in_tf_data)
     assert out.shape == (size, size, 3) and out.dtype == np.float32
     # The paper's wording, with PIL: shorter side -> size, then the central square.
@@ -190,7 +190,7 @@ def test_center_square_resize_is_the_paper_rescale_and_centre_crop(in_tf_data):
 
 def test_large_images_shrink_in_the_decoder_without_aliasing():
   data = _jpeg(np.asarray(Image.fromarray(skimage.data.astronaut()).resize((1100, 900))))
-  out = imagenet.center_square_resize(tf.constant(data), 128).numpy()
+  out = common.center_square_resize(tf.constant(data), 128).numpy()
   reference = np.asarray(Image.open(io.BytesIO(data)).crop((100, 0, 1000, 900))
                          .resize((128, 128), Image.LANCZOS), np.float32)
   assert np.abs(out - reference).mean() < 3.0
@@ -293,10 +293,10 @@ def test_flip_is_exact_and_seeded(in_tf_data):
 @both
 def test_ten_crops_geometry_is_exact(in_tf_data):
   image = np.arange(9 * 11 * 2, dtype=np.float32).reshape(9, 11, 2)
-  out = _run(lambda x: imagenet.ten_crops(x, 5), tf.constant(image), in_tf_data=in_tf_data)
+  out = _run(lambda x: common.ten_crops(x, 5), tf.constant(image), in_tf_data=in_tf_data)
   five = [image[:5, :5], image[:5, 6:], image[4:, :5], image[4:, 6:], image[2:7, 3:8]]
   np.testing.assert_array_equal(out, np.stack(five + [c[:, ::-1] for c in five]))
-  centre = _run(lambda x: imagenet.center_crop(x, 5), tf.constant(image), in_tf_data=in_tf_data)
+  centre = _run(lambda x: common.center_crop(x, 5), tf.constant(image), in_tf_data=in_tf_data)
   np.testing.assert_array_equal(centre, image[2:7, 3:8])
 
 
@@ -344,8 +344,8 @@ def _positions(jpegs):
 def test_corrupt_jpegs_become_flagged_stand_ins_in_place():
   good = _jpeg(skimage.data.chelsea()[:100, :120])
   jpegs = [b'not a jpeg', good, good[:200], good, b'\xff\xd8\xff\xe0junk', good]
-  ds = imagenet.map_or_flag(
-      _positions(jpegs), lambda ex: {'image': imagenet.center_square_resize(ex['jpeg'], 16),
+  ds = common.map_or_flag(
+      _positions(jpegs), lambda ex: {'image': common.center_square_resize(ex['jpeg'], 16),
                                      'label': ex['label']}, parallel=2)
   out = list(ds.as_numpy_iterator())
   assert [e['position'] for e in out] == list(range(6))
@@ -391,7 +391,7 @@ def test_fill_unreadable_keeps_batches_whole():
 def test_missing_archives_say_where_they_go(tmp_path):
   config = config_lib.base_config()
   config.dataset.data_dir = str(tmp_path / 'tfds')
-  with pytest.raises(input_pipeline.DataNotFoundError) as e:
+  with pytest.raises(common.DataNotFoundError) as e:
     imagenet.prepare(config)
   msg = str(e.value)
   assert 'ILSVRC2012_img_train.tar' in msg and 'ILSVRC2012_img_val.tar' in msg
@@ -402,7 +402,7 @@ def test_missing_archives_say_where_they_go(tmp_path):
 def test_missing_stats_name_the_command(imagenet_root, tmp_path):
   config = tiny_paper_config(imagenet_root)
   config.dataset.stats_dir = str(tmp_path)
-  with pytest.raises(input_pipeline.DataNotFoundError, match='alexnet_jax.tools.dataset_stats'):
+  with pytest.raises(common.DataNotFoundError, match='alexnet_jax.tools.dataset_stats'):
     imagenet.create_data(config, local_batch=8, eval_local_batch=8)
   config.dataset.mean_mode = 'constant'  # needs no file
   data = imagenet.create_data(config, local_batch=8, eval_local_batch=8)
@@ -424,7 +424,7 @@ def test_squares_copy_is_the_rescaled_centre_of_every_readable_image(imagenet_ro
     # on these 72-pixel thumbnails than on 256-pixel squares), well below the
     # difference to its mirror image.
     square = tf.io.decode_jpeg(data).numpy().astype(np.float32)
-    exact = imagenet.center_square_resize(tf.constant(source), RESIZE).numpy()
+    exact = common.center_square_resize(tf.constant(source), RESIZE).numpy()
     assert square.shape == (RESIZE, RESIZE, 3)
     error = np.abs(square - exact).mean()
     assert error < 5.0 and error < 0.5 * np.abs(square - exact[:, ::-1]).mean(), error

@@ -22,9 +22,10 @@ import pytest
 
 from alexnet_jax import checkpointing
 from alexnet_jax import distributed
-from alexnet_jax import input_pipeline
 from alexnet_jax import optim
 from alexnet_jax import train
+from alexnet_jax.data import common
+from alexnet_jax.data import fashion_mnist
 from conftest import REPO
 from conftest import load_config
 from launch import local
@@ -270,9 +271,9 @@ def test_two_processes_of_two_devices_train_as_one_of_four(tmp_path):
 def test_every_process_trains_on_its_rows_of_the_same_global_batch(fashion_arrays):
   config = load_config('fashion_mnist')
   images, labels = (a[:1000] for a in fashion_arrays['train'])
-  whole = next(input_pipeline.train_dataset(config, images, labels, local_batch=32,
-                                            start_step=40).as_numpy_iterator())
-  parts = [next(input_pipeline.train_dataset(
+  whole = next(fashion_mnist.train_dataset(config, images, labels, local_batch=32,
+                                           start_step=40).as_numpy_iterator())
+  parts = [next(fashion_mnist.train_dataset(
       config, images, labels, local_batch=8, start_step=40, process_index=i,
       process_count=4).as_numpy_iterator()) for i in range(4)]
   for k in ('image', 'label'):
@@ -281,7 +282,7 @@ def test_every_process_trains_on_its_rows_of_the_same_global_batch(fashion_array
 
 @pytest.mark.parametrize('n,count', [(10, 3), (10000, 2), (7, 4)])
 def test_process_parts_cover_every_example_once(n, count):
-  parts = [input_pipeline.process_part(n, i, count) for i in range(count)]
+  parts = [common.process_part(n, i, count) for i in range(count)]
   covered = np.concatenate([np.arange(n)[p] for p in parts])
   np.testing.assert_array_equal(covered, np.arange(n))
   sizes = [p.stop - p.start for p in parts]
@@ -291,7 +292,7 @@ def test_process_parts_cover_every_example_once(n, count):
 def test_eval_batches_pad_a_smaller_share_to_the_common_count(tiny_config):
   images = np.zeros((5, 28, 28, 1), np.uint8)
   labels = np.arange(5, dtype=np.int32)
-  batches = list(input_pipeline.eval_batches(tiny_config, images, labels, local_batch=4,
-                                             num_batches=3))
+  batches = list(fashion_mnist.eval_batches(tiny_config, images, labels, local_batch=4,
+                                            num_batches=3))
   assert [len(b['label']) for b in batches] == [4, 4, 4]
   assert [b['mask'].sum() for b in batches] == [4, 1, 0]

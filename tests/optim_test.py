@@ -6,8 +6,9 @@ import numpy as np
 import optax
 import pytest
 
-from alexnet_jax import onednn
 from alexnet_jax import optim
+from alexnet_jax.cpu import onednn
+from conftest import needs_cpu_kernels
 
 
 def test_paper_rule_three_hand_computed_steps():
@@ -103,6 +104,7 @@ def test_one_cycle_schedule_peaks_at_base_lr():
   np.testing.assert_allclose(fn(100), 0.01, rtol=1e-5)
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize('nesterov', [False, True])
 def test_one_pass_cpu_kernel_is_the_rule_bit_for_bit(nesterov):
   """`onednn.momentum_update` against the optax rule plus `apply_updates`, jitted."""

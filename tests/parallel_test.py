@@ -12,12 +12,11 @@ import pytest
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_lib
-from alexnet_jax import input_pipeline
-from alexnet_jax import models
 from alexnet_jax import optim
 from alexnet_jax import parallel
 from alexnet_jax import train
 from conftest import REPO
+from conftest import make_model
 from conftest import tiny_fashion_config
 
 BATCH = 16
@@ -31,7 +30,7 @@ def _setup():
   """
   config = tiny_fashion_config()
   config.model.dropout_rate = 0.0  # dropout keys depend on the device index
-  model = models.create_model(config.model, config.dataset.num_classes)
+  model = make_model(config)
   tx = optim.create_optimizer(config.optimizer)
   state = train.create_train_state(config, model, tx)
   rng = np.random.default_rng(0)
@@ -53,9 +52,9 @@ def _assert_trees_close(a, b, rtol=1e-4, atol=1e-6):
 
 def _mp_logits(model, params, images, layout):
   """Model-parallel logits of `images`, back in batch order."""
-  apply = jax.pmap(functools.partial(parallel.tower_apply, model=model, layout=layout,
-                                     train=False),
-                   axis_name=train.AXIS, devices=_devices(layout.num_devices))
+  tower_model = parallel.split_model(model, layout)
+  apply = jax.pmap(lambda p, x: tower_model.apply({'params': p}, x, train=False),
+                   axis_name=parallel.AXIS, devices=_devices(layout.num_devices))
   device_params = parallel.to_devices(parallel.split_params(params, layout.towers),
                                       layout, _devices(layout.num_devices))
   out = np.asarray(apply(device_params, parallel.shard_batch({'x': images}, layout)['x']))
@@ -86,9 +85,10 @@ def check_gradients(num_devices):
     return train.cross_entropy(logits, batch['label']).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
-  grads_fn = jax.pmap(functools.partial(parallel.tower_grads, model=model,
+  grads_fn = jax.pmap(
+      lambda p, b: train.loss_and_grads(p, b, None, model=parallel.split_model(model, layout),
                                         layout=layout, train=False),
-                      axis_name=train.AXIS, devices=_devices(num_devices))
+      axis_name=parallel.AXIS, devices=_devices(num_devices))
   device_params = parallel.to_devices(parallel.split_params(state.params, 2), layout,
                                       _devices(num_devices))
   mp_loss, _, mp_grads = grads_fn(device_params, parallel.shard_batch(batch, layout))
@@ -101,23 +101,25 @@ def check_gradients(num_devices):
       np.testing.assert_array_equal(leaf[d], leaf[d % 2])
 
 
+def _steps(model, tx, schedule, layout):
+  """(train step, eval step) of `layout` on its number of devices."""
+  return train.make_steps(model, layout, tx, schedule, 0, _devices(layout.num_devices))
+
+
 def check_train_steps(num_devices):
   config, model, tx, state, batches = _setup()
   schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 100, 100)
-  ref_step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
-                                        schedule=schedule, seed=0),
-                      axis_name=train.AXIS, devices=_devices(1))
-  ref = jax.tree.map(lambda x: x[None], state)
+  one = parallel.Layout(1, towers=1)
+  ref_step, _ = _steps(model, tx, schedule, one)
+  ref = parallel.state_to_devices(state, one, _devices(1))
   ref_losses = []
   for b in batches:
-    ref, metrics = ref_step(ref, input_pipeline.shard(b, 1))
+    ref, metrics = ref_step(ref, parallel.shard_batch(b, one))
     ref_losses.append(float(metrics['train_loss'][0]))
-  ref = train.unreplicate(ref)
+  ref = parallel.state_from_devices(ref, one)
 
   layout = parallel.Layout(num_devices, towers=2)
-  mp_step = parallel.make_model_parallel_train_step(
-      model=model, layout=layout, tx=tx, schedule=schedule, seed=0,
-      devices=_devices(num_devices))
+  mp_step, _ = _steps(model, tx, schedule, layout)
   mp = parallel.state_to_devices(state, layout, _devices(num_devices))
   mp_losses = []
   for b in batches:
@@ -154,19 +156,19 @@ def test_eval_step_matches_single_device(num_devices, crops):
 
 
 def check_eval(num_devices, crops):
-  _, model, _, state, batches = _setup()
+  _, model, tx, state, batches = _setup()
   batch = dict(batches[0])
   if crops:  # the multi-crop form (B, crops, H, W, C) of 10-patch testing
     batch['image'] = np.stack([batch['image'], batch['image'][:, ::-1]], axis=1)
   batch['mask'] = (np.arange(BATCH) < BATCH - 5).astype(np.float32)  # padded tail
-  ref_eval = jax.pmap(functools.partial(train.eval_step, model=model),
-                      axis_name=train.AXIS, devices=_devices(1))
+  schedule = lambda step: jnp.float32(0.05)
+  one = parallel.Layout(1, towers=1)
+  _, ref_eval = _steps(model, tx, schedule, one)
   expected = ref_eval(jax.tree.map(lambda x: x[None], state.params),
-                      input_pipeline.shard(batch, 1))
+                      parallel.shard_batch(batch, one))
 
   layout = parallel.Layout(num_devices, towers=2)
-  mp_eval = parallel.make_model_parallel_eval_step(model=model, layout=layout,
-                                                   devices=_devices(num_devices))
+  _, mp_eval = _steps(model, tx, schedule, layout)
   params = parallel.to_devices(parallel.split_params(state.params, 2), layout,
                                _devices(num_devices))
   got = mp_eval(params, parallel.shard_batch(batch, layout))
@@ -204,6 +206,11 @@ def test_shard_batch_gives_both_towers_the_same_data():
                                 [[0, 1, 2, 3], [0, 1, 2, 3], [4, 5, 6, 7], [4, 5, 6, 7]])
   assert layout.tower_groups == [[0, 1], [2, 3]]
   assert layout.replica_groups == [[0, 2], [1, 3]]
+  data_parallel = parallel.Layout(4, towers=1)
+  np.testing.assert_array_equal(parallel.shard_batch({'x': x}, data_parallel)['x'],
+                                [[0, 1], [2, 3], [4, 5], [6, 7]])
+  assert data_parallel.tower_groups == [[0], [1], [2], [3]]
+  assert data_parallel.replica_groups is None  # all devices
 
 
 def test_canonical_checkpoint_restores_into_model_parallel_layout(tmp_path):
@@ -211,8 +218,7 @@ def test_canonical_checkpoint_restores_into_model_parallel_layout(tmp_path):
   del config
   layout = parallel.Layout(4, towers=2)
   schedule = lambda step: jnp.float32(0.05)
-  mp_step = parallel.make_model_parallel_train_step(
-      model=model, layout=layout, tx=tx, schedule=schedule, seed=0, devices=_devices(4))
+  mp_step, _ = _steps(model, tx, schedule, layout)
   mp, _ = mp_step(parallel.state_to_devices(state, layout, _devices(4)),
                   parallel.shard_batch(batches[0], layout))
   trained = parallel.state_from_devices(mp, layout)

@@ -3,7 +3,7 @@
 import os
 import sys
 
-from alexnet_jax import xla_flags  # pylint: disable=g-import-not-at-top
+from alexnet_jax.cpu import xla_flags
 
 if __name__ == '__main__':
   print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:], flush=True)

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import flax.jax_utils
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,40 +15,45 @@ import pytest
 
 from alexnet_jax import checkpointing
 from alexnet_jax import config_lib
-from alexnet_jax import input_pipeline
-from alexnet_jax import models
+from alexnet_jax import ops as ops_lib
 from alexnet_jax import optim
+from alexnet_jax import parallel
 from alexnet_jax import train
+from alexnet_jax.cpu import ops as cpu_ops
+from alexnet_jax.data import fashion_mnist
 from conftest import REPO
+from conftest import CPU_KERNELS_MISSING
+from conftest import needs_cpu_kernels
+from conftest import make_model
 
 
 def _pmapped_step(config, num_devices):
   """(the trainer's pmapped step on the first num_devices devices, its replicated state)."""
-  model = models.create_model(config.model, 10)
+  model = make_model(config)
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 100, 100)
   devices = jax.local_devices()[:num_devices]
-  step = jax.pmap(functools.partial(train.train_step, model=model, tx=tx,
-                                    schedule=schedule, seed=0),
-                  axis_name=train.AXIS, devices=devices)
-  return step, flax.jax_utils.replicate(train.create_train_state(config, model, tx), devices)
+  layout = parallel.Layout(num_devices, towers=1)
+  step, _ = train.make_steps(model, layout, tx, schedule, 0, devices)
+  state = train.create_train_state(config, model, tx)
+  return step, parallel.state_to_devices(state, layout, devices)
 
 
 def _run_steps(config, batches, num_devices):
   step, state = _pmapped_step(config, num_devices)
   losses = []
   for b in batches:
-    state, metrics = step(state, input_pipeline.shard(b, num_devices))
+    state, metrics = step(state, parallel.shard_batch(b, parallel.Layout(num_devices, 1)))
     losses.append(float(metrics['train_loss'][0]))
-  return train.unreplicate(state), losses
+  return parallel.state_from_devices(state, parallel.Layout(num_devices, 1)), losses
 
 
 def test_one_and_four_devices_give_the_same_parameters(tiny_config, fashion_arrays):
   assert jax.local_device_count() == 4
   tiny_config.model.dropout_rate = 0.0  # dropout keys depend on the device index
   images, labels = fashion_arrays['train']
-  batches = list(input_pipeline.train_dataset(tiny_config, images[:1000], labels[:1000],
-                                              local_batch=32).take(4).as_numpy_iterator())
+  batches = list(fashion_mnist.train_dataset(tiny_config, images[:1000], labels[:1000],
+                                             local_batch=32).take(4).as_numpy_iterator())
   s1, l1 = _run_steps(tiny_config, batches, 1)
   s4, l4 = _run_steps(tiny_config, batches, 4)
   np.testing.assert_allclose(l1, l4, rtol=1e-5)
@@ -57,21 +61,28 @@ def test_one_and_four_devices_give_the_same_parameters(tiny_config, fashion_arra
   for a, b in zip(jax.tree.leaves(s1.params), jax.tree.leaves(s4.params)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
   # The parameters did move, so the comparison is not between two initial states.
-  init = train.create_train_state(tiny_config, models.create_model(tiny_config.model, 10),
+  init = train.create_train_state(tiny_config, make_model(tiny_config),
                                   optim.create_optimizer(tiny_config.optimizer))
   assert not np.allclose(init.params['fc8']['kernel'], s1.params['fc8']['kernel'])
+
+
+def _eval_step(model, state):
+  """(the trainer's eval step on 4 devices, the params on them, the batch sharding)."""
+  layout = parallel.Layout(4, towers=1)
+  _, p_eval = train.make_steps(model, layout, None, None, 0, jax.local_devices())
+  state = parallel.state_to_devices(state, layout, jax.local_devices())
+  return p_eval, state.params, lambda b: parallel.shard_batch(b, layout)
 
 
 def test_evaluation_counts_every_example_with_padding(tiny_config, fashion_arrays):
   images, labels = fashion_arrays['test']
   images, labels = images[:1003], labels[:1003]  # 1003 = 3 * 320 + 43: a ragged end
-  model = models.create_model(tiny_config.model, 10)
+  model = make_model(tiny_config)
   state = train.create_train_state(tiny_config, model, optim.create_optimizer(tiny_config.optimizer))
   tiny_config.eval_batch_size = 320
-  p_eval = jax.pmap(functools.partial(train.eval_step, model=model), axis_name=train.AXIS)
-  params = flax.jax_utils.replicate(state.params)
-  result = train.evaluate(p_eval, params, input_pipeline.eval_batches(
-      tiny_config, images, labels, local_batch=320), num_devices=4)
+  p_eval, params, shard = _eval_step(model, state)
+  result = train.evaluate(p_eval, params, fashion_mnist.eval_batches(
+      tiny_config, images, labels, local_batch=320), shard)
   assert result['eval_examples'] == 1003
   # Reference: the same network on all 1003 images at once, no padding.
   x = (images.astype(np.float32) - np.array(tiny_config.dataset.mean)) / np.array(tiny_config.dataset.std)
@@ -84,13 +95,13 @@ def test_evaluation_counts_every_example_with_padding(tiny_config, fashion_array
 
 def test_ten_crop_evaluation_averages_the_softmax_of_ten_patches(tiny_config, fashion_arrays):
   images, labels = (a[:203] for a in fashion_arrays['test'])
-  model = models.create_model(tiny_config.model, 10)
+  model = make_model(tiny_config)
   state = train.create_train_state(tiny_config, model, optim.create_optimizer(tiny_config.optimizer))
-  p_eval = jax.pmap(functools.partial(train.eval_step, model=model), axis_name=train.AXIS)
-  result = train.evaluate(p_eval, flax.jax_utils.replicate(state.params),
-                          input_pipeline.eval_batches(tiny_config, images, labels,
-                                                      local_batch=64, crops='ten'),
-                          num_devices=4)
+  p_eval, params, shard = _eval_step(model, state)
+  result = train.evaluate(p_eval, params,
+                          fashion_mnist.eval_batches(tiny_config, images, labels,
+                                                     local_batch=64, crops='ten'),
+                          shard)
   assert result['eval_examples'] == 203
   # Reference: numpy patches of the zero-padded images, one forward pass each.
   p = tiny_config.dataset.crop_padding
@@ -212,7 +223,7 @@ def test_mistyped_config_key_is_an_error(tmp_path):
   assert 'Traceback' not in run.stderr
   assert not (tmp_path / 'checkpoints').exists()
   # With --config given, the override is applied while the flags are parsed.
-  run = subprocess.run([sys.executable, '-m', 'alexnet_jax.benchmarks.train_step',
+  run = subprocess.run([sys.executable, '-m', 'benchmarks.train_step',
                         '--config=configs/paper.py', '--config.model.lrnn.size=3',
                         f'--out={tmp_path}/b.json'],
                        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
@@ -268,19 +279,16 @@ def test_plateau_rule_unit():
   assert p.reductions == 1 and p.best == 0.2
 
 
-def _pmapped_update(tx, in_place, cpu_kernels=False):
-  """The optimiser step alone, pmapped over one device as in the train step."""
+def _pmapped_update(tx, ops):
+  """`ops.apply_optimizer` alone, pmapped over one device as in the train step."""
   def step(grads, params, opt_state):  # donated in the order they are returned
-    lr = jnp.float32(0.0137)
-    if in_place:
-      return train.apply_optimizer(tx, grads, opt_state, params, lr, cpu_kernels=cpu_kernels)
-    updates, opt_state = tx.update(grads, opt_state, params, learning_rate=lr)
-    return jax.tree.map(lambda p, u: p + u, params, updates), opt_state
+    return ops.apply_optimizer(tx, grads, opt_state, params, jnp.float32(0.0137))
   return jax.pmap(step, axis_name=train.AXIS, devices=jax.local_devices()[:1],
                   donate_argnums=(1, 2))
 
 
 # adamw has no Nesterov form: one case of it.
+@needs_cpu_kernels
 @pytest.mark.parametrize('name,nesterov', [('paper_momentum', False), ('paper_momentum', True),
                                            ('adamw', False)])
 def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov):
@@ -295,11 +303,11 @@ def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov)
   tx = optim.create_optimizer(config)
   opt_state = jax.pmap(tx.init, devices=jax.local_devices()[:1])(params)
   # A first step so that the velocity (or Adam's moments) is not zero.
-  opt_state = _pmapped_update(tx, False)(grads, params, opt_state)[1]
+  opt_state = _pmapped_update(tx, ops_lib.REFERENCE)(grads, params, opt_state)[1]
   results, hlos = {}, {}
-  variants = {'optax': (False, False), 'in_place': (True, False), 'cpu_kernels': (True, True)}
-  for variant, (in_place, cpu_kernels) in variants.items():
-    step = _pmapped_update(tx, in_place, cpu_kernels)
+  variants = {'optax': ops_lib.REFERENCE, 'cpu_kernels': cpu_ops.OneDNNOps()}
+  for variant, ops in variants.items():
+    step = _pmapped_update(tx, ops)
     hlos[variant] = step.lower(grads, params, opt_state).compile().as_text()
     copy = lambda tree: jax.tree.map(jnp.array, tree)  # the step donates its inputs
     results[variant] = step(grads, copy(params), copy(opt_state))
@@ -307,7 +315,7 @@ def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov)
   # Without the leading-axis views XLA copies buffers (for the paper's rule,
   # every parameter and velocity); with them it copies none.
   assert copies['optax'] >= (2 * len(jax.tree.leaves(params)) if name == 'paper_momentum' else 1), copies
-  assert copies['in_place'] == copies['cpu_kernels'] == 0, copies
+  assert copies['cpu_kernels'] == 0, copies
   # On the CPU kernels the paper's rule is one call that writes every
   # parameter and velocity over its operand; other optimisers stay XLA's.
   calls = [l for l in hlos['cpu_kernels'].splitlines() if 'alexnet_momentum_update' in l]
@@ -319,12 +327,10 @@ def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov)
   else:
     assert not calls
   if name == 'paper_momentum':  # the same values bit for bit
-    for variant in ('in_place', 'cpu_kernels'):
-      jax.tree.map(np.testing.assert_array_equal, results['optax'], results[variant])
+    jax.tree.map(np.testing.assert_array_equal, results['optax'], results['cpu_kernels'])
   else:  # Adam's division and square root are fused differently: 1-ulp changes
-    for variant in ('in_place', 'cpu_kernels'):
-      jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
-                   results['optax'], results[variant])
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                 results['optax'], results['cpu_kernels'])
   assert not np.array_equal(results['cpu_kernels'][0]['fc']['kernel'], params['fc']['kernel'])
 
 
@@ -332,7 +338,10 @@ def test_optimizer_step_is_written_in_place_with_the_same_values(name, nesterov)
 @pytest.mark.parametrize('groups', [None, [[0, 2], [1, 3]], [[0], [1], [2], [3]]])
 def test_mean_over_devices_is_pmean_without_all_reduces_of_one(groups, cpu_kernels):
   x = np.arange(4 * 3, dtype=np.float32).reshape(4, 3) ** 2
-  f = jax.pmap(lambda v: train.mean_over_devices({'v': v}, groups, cpu_kernels=cpu_kernels)['v'],
+  if cpu_kernels and CPU_KERNELS_MISSING:
+    pytest.skip(f'the CPU kernels cannot be built here: {CPU_KERNELS_MISSING}')
+  ops = cpu_ops.OneDNNOps() if cpu_kernels else ops_lib.REFERENCE
+  f = jax.pmap(lambda v: ops.mean_over_devices({'v': v}, train.AXIS, groups)['v'],
                axis_name=train.AXIS)
   got = np.asarray(f(x))
   for members in groups or [[0, 1, 2, 3]]:  # each device: the mean over its group
@@ -344,14 +353,15 @@ def test_mean_over_devices_is_pmean_without_all_reduces_of_one(groups, cpu_kerne
   assert ('alexnet_after_all' in hlo) == ones
 
 
+@needs_cpu_kernels
 def test_one_device_train_step_has_no_all_reduce_and_updates_after_all_gradients(tiny_config):
-  assert models.uses_onednn(tiny_config.conv_impl, tiny_config.dtype)
+  assert isinstance(make_model(tiny_config).ops, cpu_ops.OneDNNOps)
   size = tiny_config.dataset.image_size
   batch = {'image': np.zeros((8, size, size, 1), np.float32), 'label': np.zeros(8, np.int32)}
   for n in (1, 2):
     step, state = _pmapped_step(tiny_config, n)
     leaves = len(jax.tree.leaves(state.params))
-    hlo = step.lower(state, input_pipeline.shard(batch, n)).compile().as_text()
+    hlo = step.lower(state, parallel.shard_batch(batch, parallel.Layout(n, 1))).compile().as_text()
     # One device: XLA would copy every gradient through an all-reduce of one;
     # instead one call that takes every gradient orders the updates after them
     # (and one more takes the two metrics).

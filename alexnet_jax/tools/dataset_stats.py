@@ -24,8 +24,12 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
+import tensorflow as tf
+import tqdm
 
 from alexnet_jax import config_lib
+from alexnet_jax import data
+from alexnet_jax.data import imagenet
 
 config_flags.DEFINE_config_file('config', None, 'Config file (configs/*.py).',
                                 lock_config=True)
@@ -37,10 +41,6 @@ flags.DEFINE_integer('batch_size', 256, 'Images summed per step.')
 def compute_stats(config, *, max_examples: int = 0, batch_size: int = 256,
                   progress: bool = True) -> dict[str, np.ndarray]:
   """Sums over the (first `max_examples` of the) training split, then the PCA."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  import tqdm  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
-
   builder = imagenet.prepare(config)
   split = config.dataset.train_split
   n = builder.info.splits[split].num_examples
@@ -88,9 +88,6 @@ def compute_stats(config, *, max_examples: int = 0, batch_size: int = 256,
 
 def write_stats(config, **kwargs) -> tuple[str, dict[str, np.ndarray]]:
   """Computes the statistics and writes them where training looks."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
-
   stats = compute_stats(config, **kwargs)
   path = imagenet.stats_path(config, imagenet.prepare(config))
   tf.io.gfile.makedirs(os.path.dirname(path))
@@ -108,8 +105,7 @@ def write_stats(config, **kwargs) -> tuple[str, dict[str, np.ndarray]]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  from alexnet_jax import input_pipeline  # pylint: disable=g-import-not-at-top
-  input_pipeline.configure_tensorflow()
+  data.configure_tensorflow()
   config = flags.FLAGS.config
   if config is None:
     raise app.UsageError('--config is required, e.g. --config=configs/paper.py')
@@ -117,7 +113,7 @@ def main(argv):
     raise app.UsageError(f'dataset_stats serves imagenet2012, not {config.dataset.name}')
   try:
     path, stats = write_stats(config, max_examples=flags.FLAGS.max_examples,
-                       batch_size=flags.FLAGS.batch_size)
+                              batch_size=flags.FLAGS.batch_size)
   except (ValueError, FileNotFoundError) as e:
     print(f'\nError: {e}', file=sys.stderr)
     sys.exit(1)

@@ -1,4 +1,4 @@
-"""Input ops, eagerly and inside tf.data; the IDX reader; determinism."""
+"""alexnet_jax.data: input ops, eagerly and inside tf.data; the IDX reader; determinism."""
 
 import gzip
 import os
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from alexnet_jax import fashion_mnist
-from alexnet_jax import input_pipeline
+import alexnet_jax.data
+from alexnet_jax.data import common
+from alexnet_jax.data import fashion_mnist
 
 
 def _origins(out, padded, h, w, p):
@@ -30,7 +31,7 @@ def test_crop_and_flip_is_exact_and_in_range(in_tf_data):
   # Distinct positive pixel values, so every crop position is identifiable.
   image = np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w)
   images = np.broadcast_to(image[None, :, :, None], (b, h, w, 1)).copy()
-  fn = lambda x: input_pipeline.crop_and_flip_batch(
+  fn = lambda x: common.crop_and_flip_batch(
       x, tf.constant([3, 4], tf.int64), crop_padding=p, flip=True)
   if in_tf_data:
     out = next(iter(tf.data.Dataset.from_tensors(images).map(fn))).numpy()
@@ -44,9 +45,9 @@ def test_crop_and_flip_is_exact_and_in_range(in_tf_data):
 
 def test_crop_and_flip_is_deterministic_given_seed():
   x = tf.random.uniform((16, 8, 8, 1), 0, 255, tf.int32, seed=1)
-  a = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
-  b = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
-  c = input_pipeline.crop_and_flip_batch(x, tf.constant([1, 3], tf.int64), crop_padding=2, flip=True)
+  a = common.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
+  b = common.crop_and_flip_batch(x, tf.constant([1, 2], tf.int64), crop_padding=2, flip=True)
+  c = common.crop_and_flip_batch(x, tf.constant([1, 3], tf.int64), crop_padding=2, flip=True)
   np.testing.assert_array_equal(a, b)
   assert not np.array_equal(a, c)
 
@@ -55,10 +56,10 @@ def test_train_stream_resumes_exactly(tiny_config):
   rs = np.random.RandomState(0)
   images = rs.randint(0, 255, (100, 28, 28, 1)).astype(np.uint8)
   labels = np.arange(100, dtype=np.int32)
-  full = list(input_pipeline.train_dataset(tiny_config, images, labels, local_batch=32)
+  full = list(fashion_mnist.train_dataset(tiny_config, images, labels, local_batch=32)
               .take(7).as_numpy_iterator())
-  resumed = list(input_pipeline.train_dataset(tiny_config, images, labels, local_batch=32,
-                                              start_step=4).take(3).as_numpy_iterator())
+  resumed = list(fashion_mnist.train_dataset(tiny_config, images, labels, local_batch=32,
+                                             start_step=4).take(3).as_numpy_iterator())
   for a, b in zip(full[4:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
@@ -71,7 +72,7 @@ def test_train_stream_resumes_exactly(tiny_config):
 def test_eval_batches_pad_and_mask_every_example_once(tiny_config):
   images = np.zeros((70, 28, 28, 1), np.uint8)
   labels = np.arange(70, dtype=np.int32)
-  batches = list(input_pipeline.eval_batches(tiny_config, images, labels, local_batch=32))
+  batches = list(fashion_mnist.eval_batches(tiny_config, images, labels, local_batch=32))
   assert [len(b['label']) for b in batches] == [32, 32, 32]
   mask = np.concatenate([b['mask'] for b in batches])
   got = np.concatenate([b['label'] for b in batches])[mask == 1]
@@ -109,7 +110,7 @@ def test_real_fashion_mnist_loads(fashion_arrays):
 def test_padded_ten_crops_are_the_papers_ten_patches(in_tf_data):
   h, w, p = 6, 6, 2
   image = np.arange(1, h * w + 1, dtype=np.int32).reshape(h, w, 1)
-  fn = lambda x: input_pipeline.padded_ten_crops(x, p)
+  fn = lambda x: common.padded_ten_crops(x, p)
   if in_tf_data:
     out = next(iter(tf.data.Dataset.from_tensors(image).map(fn))).numpy()
   else:
@@ -128,8 +129,8 @@ def test_ten_crop_eval_batches_normalise_and_mask(tiny_config):
   rs = np.random.RandomState(1)
   images = rs.randint(0, 255, (5, 28, 28, 1)).astype(np.uint8)
   labels = np.arange(5, dtype=np.int32)
-  batches = list(input_pipeline.eval_batches(tiny_config, images, labels, local_batch=4,
-                                             crops='ten'))
+  batches = list(fashion_mnist.eval_batches(tiny_config, images, labels, local_batch=4,
+                                            crops='ten'))
   assert [b['image'].shape for b in batches] == [(4, 10, 28, 28, 1)] * 2
   assert np.concatenate([b['mask'] for b in batches]).tolist() == [1] * 5 + [0] * 3
   mean, std = tiny_config.dataset.mean[0], tiny_config.dataset.std[0]
@@ -137,3 +138,22 @@ def test_ten_crop_eval_batches_normalise_and_mask(tiny_config):
   np.testing.assert_allclose(batches[1]['image'][0, 4], (images[4] - mean) / std, atol=1e-5)
   np.testing.assert_allclose(batches[1]['image'][0, 9], (images[4, :, ::-1] - mean) / std,
                              atol=1e-5)
+
+
+def test_create_data_rejects_unknown_dataset(tiny_config):
+  tiny_config.dataset.name = 'mnist'
+  with pytest.raises(ValueError, match="dataset.name='mnist' is not known"):
+    alexnet_jax.data.create_data(tiny_config, local_batch=8, eval_local_batch=8)
+  # The package re-exports what the trainer uses from `common`.
+  assert alexnet_jax.data.Data is common.Data
+  assert alexnet_jax.data.DataNotFoundError is common.DataNotFoundError
+  assert alexnet_jax.data.shard is common.shard
+
+
+def test_fashion_mnist_create_data_shares(fashion_arrays, tiny_config):
+  del fashion_arrays  # prepared once per session
+  data = alexnet_jax.data.create_data(tiny_config, local_batch=32, eval_local_batch=512)
+  assert (data.num_train, data.num_eval, data.steps_per_epoch) == (60000, 10000, 60000 // 32)
+  batch = next(data.train(0).as_numpy_iterator())
+  assert batch['image'].shape == (32, 28, 28, 1)
+  assert sum(int(b['mask'].sum()) for b in data.eval()) == 10000

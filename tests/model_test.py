@@ -1,4 +1,5 @@
-"""Model: parameter counts, shapes, LRN against torch, towers, initialisation."""
+"""The network and its reference ops: parameter counts, shapes, LRN and
+convolutions against torch, pooling against flax, initialisation, dropout."""
 
 import functools
 
@@ -8,9 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from alexnet_jax import models
+from alexnet_jax import backend
+from alexnet_jax import model as model_lib
+from alexnet_jax import ops as ops_lib
+from alexnet_jax import optim
+from alexnet_jax import parallel
 from alexnet_jax import summary
+from alexnet_jax import train
 from conftest import load_config
+from conftest import needs_cpu_kernels
+from conftest import tiny_fashion_config
 
 
 def test_paper_parameter_count_and_macs():
@@ -54,7 +62,7 @@ def _torch_lrn(x_BHWC, size, alpha, beta, k):
 @pytest.mark.parametrize('size', [5, 3, 4])
 def test_lrn_matches_torch_caffe_convention(size):
   x = np.random.RandomState(0).randn(2, 5, 6, 16).astype(np.float32) * 20
-  ours = models.local_response_norm(jnp.asarray(x), size=size, k=2.0, alpha=1e-3,
+  ours = ops_lib.local_response_norm(jnp.asarray(x), size=size, k=2.0, alpha=1e-3,
                                     beta=0.75, alpha_over_size=True)
   np.testing.assert_allclose(ours, _torch_lrn(x, size, 1e-3, 0.75, 2.0), rtol=1e-5, atol=1e-6)
 
@@ -62,13 +70,13 @@ def test_lrn_matches_torch_caffe_convention(size):
 def test_lrn_paper_convention_is_torch_with_alpha_times_size():
   # The paper's alpha multiplies the plain sum; torch divides alpha by n.
   x = np.random.RandomState(1).randn(2, 4, 4, 12).astype(np.float32) * 30
-  ours = models.local_response_norm(jnp.asarray(x), size=5, k=2.0, alpha=1e-4, beta=0.75)
+  ours = ops_lib.local_response_norm(jnp.asarray(x), size=5, k=2.0, alpha=1e-4, beta=0.75)
   np.testing.assert_allclose(ours, _torch_lrn(x, 5, 5 * 1e-4, 0.75, 2.0), rtol=1e-5, atol=1e-6)
 
 
 def test_lrn_two_towers_normalise_each_half_alone():
   x = np.random.RandomState(2).randn(2, 3, 3, 16).astype(np.float32) * 30
-  ours = models.local_response_norm(jnp.asarray(x), size=5, alpha=1e-3, beta=0.75,
+  ours = ops_lib.local_response_norm(jnp.asarray(x), size=5, alpha=1e-3, beta=0.75,
                                     alpha_over_size=True, towers=2)
   halves = [_torch_lrn(h, 5, 1e-3, 0.75, 2.0) for h in np.split(x, 2, axis=-1)]
   np.testing.assert_allclose(ours, np.concatenate(halves, -1), rtol=1e-5, atol=1e-6)
@@ -79,7 +87,7 @@ def test_lrn_gradient_matches_torch_autograd(beta):
   rs = np.random.RandomState(3)
   x = rs.randn(2, 3, 4, 10).astype(np.float32) * 10
   w = rs.randn(*x.shape).astype(np.float32)
-  grad = jax.grad(lambda v: jnp.sum(models.local_response_norm(
+  grad = jax.grad(lambda v: jnp.sum(ops_lib.local_response_norm(
       v, size=5, alpha=1e-2, beta=beta, alpha_over_size=True) * w))(jnp.asarray(x))
   t = torch.from_numpy(x.transpose(0, 3, 1, 2)).requires_grad_()
   out = torch.nn.LocalResponseNorm(5, alpha=1e-2, beta=beta, k=2.0)(t)
@@ -88,13 +96,11 @@ def test_lrn_gradient_matches_torch_autograd(beta):
 
 
 @pytest.mark.parametrize('channels, towers', [(160, 2), (192, 1), (16, 2)])
-def test_lrn_both_window_sums_match_torch_values_and_gradients(channels, towers):
-  # Towers wider than _BANDED_MAX_CHANNELS sum windows with a reduce-window,
-  # narrower ones with a banded product: both must be torch's LRN per tower.
+def test_lrn_per_tower_matches_torch_values_and_gradients(channels, towers):
   rs = np.random.RandomState(5)
   x = rs.randn(2, 3, 3, channels).astype(np.float32) * 10
   w = rs.randn(*x.shape).astype(np.float32)
-  fn = lambda v: models.local_response_norm(v, size=5, alpha=1e-2, beta=0.75,
+  fn = lambda v: ops_lib.local_response_norm(v, size=5, alpha=1e-2, beta=0.75,
                                             alpha_over_size=True, towers=towers)
   grad = jax.grad(lambda v: jnp.sum(fn(v) * w))(jnp.asarray(x))
   ref_out, ref_grad = [], []
@@ -109,53 +115,38 @@ def test_lrn_both_window_sums_match_torch_values_and_gradients(channels, towers)
   np.testing.assert_allclose(grad, np.concatenate(ref_grad, -1), rtol=1e-4, atol=1e-5)
 
 
-def test_grouped_conv_equals_torch_grouped_conv():
+def test_grouped_conv_layer_equals_torch_grouped_conv():
   rs = np.random.RandomState(4)
   x = rs.randn(2, 9, 9, 8).astype(np.float32)
-  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=True)
+  conv = model_lib.Conv(features=6, kernel_size=3, padding=1, groups=2)
   params = conv.init(jax.random.key(0), jnp.asarray(x))
-  ours = jnp.concatenate(conv.apply(params, jnp.asarray(x)), axis=-1)
+  ours = conv.apply(params, jnp.asarray(x))
   kernel = np.asarray(params['params']['kernel'])  # HWIO, I = in / groups
-  ref = torch.nn.functional.conv2d(
+  assert kernel.shape == (3, 3, 4, 6)
+  ref = torch.relu(torch.nn.functional.conv2d(
       torch.from_numpy(x.transpose(0, 3, 1, 2)),
       torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()),
-      torch.from_numpy(np.array(params['params']['bias'])), padding=1, groups=2)
+      torch.from_numpy(np.array(params['params']['bias'])), padding=1, groups=2))
   np.testing.assert_allclose(ours, ref.numpy().transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('grouped', [True, False])
-@pytest.mark.parametrize('impl, widths', [('xla', [3, 3]), ('onednn', [6])])
-def test_tower_lists_equal_one_grouped_convolution(grouped, impl, widths):
-  """Towers as separate arrays (XLA) or side by side in one array (oneDNN)
-  compute lax's feature-grouped conv, gradients too."""
-  rs = np.random.RandomState(5)
-  x = jnp.asarray(rs.randn(2, 7, 7, 8).astype(np.float32))
-  w = jnp.asarray(rs.randn(2, 7, 7, 6).astype(np.float32))  # output weights
-  conv = models.TowerConv(features=6, kernel_size=3, padding=1, towers=2, grouped=grouped,
-                          conv_impl=impl)
+def test_conv_layer_with_pooling_is_conv_relu_lrn_pool():
+  rs = np.random.RandomState(6)
+  x = jnp.asarray(rs.randn(2, 11, 11, 4).astype(np.float32))
+  lrn, pool = ops_lib.LRN(size=3, alpha=1e-2), ops_lib.Pool(3, 2, 'SAME')
+  conv = model_lib.Conv(features=8, kernel_size=3, padding=1, groups=2, lrn=lrn, pool=pool,
+                        towers=2)
   params = conv.init(jax.random.key(0), x)['params']
-
-  def ours(params, x):  # fed the towers' arrays, as inside AlexNet
-    ys = conv.apply({'params': params}, list(jnp.split(x, 2, axis=-1)))
-    assert [y.shape[-1] for y in ys] == widths
-    return jnp.sum(jnp.concatenate(ys, axis=-1) * w)
-
-  def reference(params, x):
-    y = jax.lax.conv_general_dilated(
-        x, params['kernel'], (1, 1), [(1, 1), (1, 1)],
-        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=2 if grouped else 1)
-    return jnp.sum((y + params['bias']) * w)
-
-  got = jax.grad(ours, argnums=(0, 1))(params, x)
-  want = jax.grad(reference, argnums=(0, 1))(params, x)
-  np.testing.assert_allclose(ours(params, x), reference(params, x), rtol=1e-5)
-  for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  y = jax.lax.conv_general_dilated(x, params['kernel'], (1, 1), [(1, 1), (1, 1)],
+                                   dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                   feature_group_count=2) + params['bias']
+  y = ops_lib.local_response_norm(jax.nn.relu(y), size=3, alpha=1e-2, towers=2)
+  np.testing.assert_allclose(conv.apply({'params': params}, x), ops_lib.max_pool(y, 3, 2, 'SAME'),
+                             rtol=1e-6, atol=1e-6)
 
 
 def test_paper_initialisation():
-  model = models.create_model(load_config('paper').model, 1000)
+  model = model_lib.create_model(load_config('paper'))
   params = jax.jit(functools.partial(model.init, train=False))(
       jax.random.key(0), jnp.zeros((1, 227, 227, 3)))['params']
   for name in ('conv2', 'conv4', 'conv5', 'fc6', 'fc7'):
@@ -168,7 +159,7 @@ def test_paper_initialisation():
 
 def test_dropout_only_in_training():
   config = load_config('fashion_mnist')
-  model = models.create_model(config.model, 10)
+  model = model_lib.create_model(config)
   x = jnp.ones((4, 28, 28, 1))
   variables = model.init(jax.random.key(0), x, train=False)
   a = model.apply(variables, x, train=False)
@@ -196,24 +187,21 @@ def _collectives(fn, num_devices, *args):
           if e.primitive.name in ('all_gather', 'reduce_scatter', 'psum')]
 
 
+@needs_cpu_kernels
 @pytest.mark.parametrize('num_devices', [2, 4])
 def test_summary_traffic_matches_the_model_parallel_step(num_devices):
   """The summary's byte counts equal the collectives the real step runs."""
-  from alexnet_jax import optim  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import parallel  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-  from conftest import tiny_fashion_config  # pylint: disable=g-import-not-at-top
   config = tiny_fashion_config()
   config.model_parallel = 2
   config.global_batch_size = 16
-  model = models.create_model(config.model, config.dataset.num_classes)
+  model = model_lib.create_model(config, backend.select_ops(config.conv_impl, config.dtype))
   tx = optim.create_optimizer(config.optimizer)
   layout = parallel.Layout(num_devices, towers=2)
   tower_state = parallel.split_state(train.create_train_state(config, model, tx), 2)[0]
   per_replica = config.global_batch_size // layout.replicas
   batch = {'image': np.zeros((per_replica, 28, 28, 1), np.float32),
            'label': np.zeros((per_replica,), np.int32)}
-  step = functools.partial(parallel.model_parallel_train_step, model=model,
+  step = functools.partial(train.train_step, model=parallel.split_model(model, layout),
                            layout=layout, tx=tx, schedule=lambda s: 0.1, seed=0)
   ops = _collectives(step, num_devices, tower_state, batch)
   # Two towers: an all-gather sends this device's input to the partner, the
@@ -227,7 +215,7 @@ def test_summary_traffic_matches_the_model_parallel_step(num_devices):
   assert sent == expected['tower_exchange_bytes'] > 0
   r = layout.replicas
   # One replica: each tower's gradients are its own (on the CPU kernels the step
-  # runs no all-reduce of one device, `train.mean_over_devices`).
+  # runs no all-reduce of one device, `cpu.ops.OneDNNOps.mean_over_devices`).
   assert grads == (expected['param_bytes'] if r > 1 else 0)
   assert expected['gradient_allreduce_bytes'] == 2 * (r - 1) * expected['param_bytes'] // r
 
@@ -260,22 +248,9 @@ def test_max_pool_matches_flax_values_and_gradients_with_ties(shape, padding, wi
   x = np.maximum(rs.randn(*shape), 0).astype(np.float32)  # ReLU zeros tie
   x[0, :4, :4] = 1.0  # and so do these
   ref = lambda x: nn.max_pool(x, (window, window), strides=(stride, stride), padding=padding)
-  ours = lambda x: models.max_pool(x, window, stride, padding)
+  ours = lambda x: ops_lib.max_pool(x, window, stride, padding)
   y = ref(jnp.asarray(x))
   np.testing.assert_array_equal(ours(jnp.asarray(x)), y)
   g = jnp.asarray(rs.randn(*y.shape).astype(np.float32))
   grad = lambda f: jax.grad(lambda x: jnp.sum(f(x) * g))(jnp.asarray(x))
   np.testing.assert_allclose(grad(ours), grad(ref), rtol=1e-6, atol=1e-6)
-
-
-def test_add_bias_gradient_is_the_sum_over_leading_axes():
-  rs = np.random.RandomState(5)
-  y = jnp.asarray(rs.randn(3, 5, 6, 4).astype(np.float32))
-  b = jnp.asarray(rs.randn(4).astype(np.float32))
-  g = jnp.asarray(rs.randn(3, 5, 6, 4).astype(np.float32))
-  dy, db = jax.grad(lambda y, b: jnp.sum(models.add_bias(y, b) * g), argnums=(0, 1))(y, b)
-  np.testing.assert_allclose(models.add_bias(y, b), y + b)
-  np.testing.assert_allclose(dy, g)
-  np.testing.assert_allclose(db, g.sum(axis=(0, 1, 2)), rtol=1e-5, atol=1e-5)
-  db16 = jax.grad(lambda b: jnp.sum(models.add_bias(y.astype(jnp.bfloat16), b)))(b)
-  assert db16.dtype == jnp.float32

@@ -7,7 +7,10 @@ horizontal flips and the PCA colour augmentation; testing takes the centre
 crop or the ten patches (four corners, centre, and their mirror images).
 A training crop is decoded and rescaled from its own window of the original
 image (`random_crop_resize`), which equals cropping the rescaled square up to
-sub-pixel rounding and skips a fifth of the work.
+sub-pixel rounding and skips a fifth of the work. The decoding of the central
+square (`common.center_square_resize`) and the map that survives unreadable
+images (`common.map_or_flag`) are shared with `imagenet_squares`, which this
+module imports (never the reverse).
 
 The raw data is the real `imagenet2012` tfds builder, fed the two archives from
 image-net.org. The mean image and the RGB PCA come from
@@ -38,8 +41,8 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from alexnet_jax import input_pipeline
-from alexnet_jax.input_pipeline import center_crop, crop, ten_crops  # pylint: disable=g-importing-member
+from alexnet_jax.data import common
+from alexnet_jax.data import imagenet_squares
 
 TRAIN_TAR = 'ILSVRC2012_img_train.tar'
 VAL_TAR = 'ILSVRC2012_img_val.tar'
@@ -66,7 +69,6 @@ def prepare(config) -> tfds.core.DatasetBuilder:
   source = prepare_original(config)
   if not config.dataset.prescaled:
     return source
-  from alexnet_jax import imagenet_squares  # pylint: disable=g-import-not-at-top
   return imagenet_squares.prepare(source, size=config.dataset.resize_size,
                                   quality=config.dataset.prescaled_quality,
                                   data_dir=config.dataset.data_dir or None)
@@ -81,7 +83,7 @@ def prepare_original(config) -> tfds.core.DatasetBuilder:
   missing = [f for f in (TRAIN_TAR, VAL_TAR)
              if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
   if missing:
-    raise input_pipeline.DataNotFoundError(
+    raise common.DataNotFoundError(
         f'ImageNet (ILSVRC-2012) is not prepared in {builder.data_dir_root} and '
         f'{" and ".join(missing)} {"is" if len(missing) == 1 else "are"} missing.\n'
         f'Download {TRAIN_TAR} (138 GB) and {VAL_TAR} (6.3 GB) from '
@@ -126,7 +128,7 @@ def load_stats(config, builder: tfds.core.DatasetBuilder) -> Stats:
                  np.asarray(ds_cfg.pca_eigvec, np.float32))
   path = stats_path(config, builder)
   if not tf.io.gfile.exists(path):
-    raise input_pipeline.DataNotFoundError(
+    raise common.DataNotFoundError(
         f'{path} does not exist: it holds the mean image and the RGB PCA of the '
         'training set, which preprocessing needs. Compute them once (about as '
         'long as one epoch of input) with\n'
@@ -141,43 +143,6 @@ def load_stats(config, builder: tfds.core.DatasetBuilder) -> Stats:
 
 
 # ---------------------------------------------------------------- image ops
-
-
-def _decode_square(jpeg: tf.Tensor, top, left, side, min_side: int) -> tf.Tensor:
-  """Decodes the square window (top, left, side) of a JPEG as uint8.
-
-  libjpeg can shrink by 2, 4 or 8 while decoding, a proper low-pass that also
-  saves work: the largest shrink that keeps the window >= `min_side` is used,
-  so a bilinear rescale to `min_side` afterwards shrinks by less than 2 and
-  needs no anti-aliasing.
-  """
-  shrink = tf.reduce_sum(tf.cast(side >= min_side * tf.constant([2, 4, 8]), tf.int32))
-
-  def decode(ratio):
-    window = tf.stack([top // ratio, left // ratio, side // ratio, side // ratio])
-    return lambda: tf.image.decode_and_crop_jpeg(jpeg, window, channels=3, ratio=ratio)
-
-  return tf.switch_case(shrink, [decode(r) for r in (1, 2, 4, 8)])
-
-
-def _rescale(image: tf.Tensor, size: int) -> tf.Tensor:
-  # Bilinear from float32 input: TF's uint8 path is about twice as slow.
-  return tf.image.resize(tf.cast(image, tf.float32), [size, size],
-                         method='bilinear', antialias=False)
-
-
-def center_square_resize(jpeg: tf.Tensor, size: int) -> tf.Tensor:
-  """Decodes the JPEG's central square, rescaled to (size, size, 3) float32.
-
-  The paper rescales the shorter side to 256 and keeps the central 256x256
-  patch; cropping the central square first selects the same pixels (up to
-  sub-pixel rounding at its borders) and lets libjpeg skip the margins.
-  """
-  shape = tf.image.extract_jpeg_shape(jpeg)
-  side = tf.minimum(shape[0], shape[1])
-  square = _decode_square(jpeg, (shape[0] - side) // 2, (shape[1] - side) // 2,
-                          side, size)
-  return _rescale(square, size)
 
 
 def train_window(shape: tf.Tensor, seed: tf.Tensor, resize: int, size: int):
@@ -212,7 +177,8 @@ def random_crop_resize(jpeg: tf.Tensor, seed: tf.Tensor, resize: int,
   """
   top, left, window, offsets = train_window(
       tf.image.extract_jpeg_shape(jpeg), seed, resize, size)
-  return _rescale(_decode_square(jpeg, top, left, window, size), size), offsets
+  square = common._decode_square(jpeg, top, left, window, size)
+  return common._rescale(square, size), offsets
 
 
 def random_crop(jpeg: tf.Tensor, seed: tf.Tensor, resize: int,
@@ -234,7 +200,7 @@ def decode_square(jpeg: tf.Tensor, size: int, prescaled: bool) -> tf.Tensor:
   if prescaled:
     image = tf.io.decode_jpeg(jpeg, channels=3)
     return tf.cast(tf.ensure_shape(image, [size, size, 3]), tf.float32)
-  return center_square_resize(jpeg, size)
+  return common.center_square_resize(jpeg, size)
 
 
 def crop_offsets(seed: tf.Tensor, full: int, size: int) -> tf.Tensor:
@@ -317,7 +283,7 @@ def eval_image(image: tf.Tensor, *, mean: tf.Tensor, size: int,
                crops: str) -> tf.Tensor:
   """Mean-subtracted centre crop (size, size, 3) or ten crops (10, size, size, 3)."""
   x = subtract_mean(image, mean)
-  return ten_crops(x, size) if crops == 'ten' else center_crop(x, size)
+  return common.ten_crops(x, size) if crops == 'ten' else common.center_crop(x, size)
 
 
 def fill_unreadable(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -344,39 +310,6 @@ def fill_unreadable(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
 # ---------------------------------------------------------------- pipelines
 
 
-def map_or_flag(ds: tf.data.Dataset, fn, *, parallel: int,
-                first_position: int = 0) -> tf.data.Dataset:
-  """`ds.map(fn)` in parallel, where elements on which `fn` fails become zeros.
-
-  Elements are dicts with consecutive int64 'position's from
-  `first_position`; outputs gain 'position' and 'ok' (False for stand-ins).
-  A failing op (a corrupt JPEG) would end the iterator, so failed elements
-  are dropped and zero stand-ins put back in their places: batches keep their
-  positions. A failure at the very end of a finite stream leaves no stand-in.
-  """
-  def apply(ex):
-    return {**fn(ex), 'position': ex['position'], 'ok': tf.constant(True)}
-
-  mapped = ds.map(apply, num_parallel_calls=parallel, deterministic=True).ignore_errors()
-  spec = mapped.element_spec
-
-  def restore_gaps(expected, ex):
-    missing = ex['position'] - expected
-
-    def with_stand_ins():
-      out = {}
-      for key, s in spec.items():
-        filler = (tf.range(expected, ex['position']) if key == 'position' else
-                  tf.zeros(tf.concat([[tf.cast(missing, tf.int32)], s.shape], 0), s.dtype))
-        out[key] = tf.concat([filler, ex[key][None]], 0)
-      return out
-
-    out = tf.cond(missing > 0, with_stand_ins, lambda: {k: v[None] for k, v in ex.items()})
-    return ex['position'] + 1, out
-
-  return mapped.scan(tf.constant(first_position, tf.int64), restore_gaps).unbatch()
-
-
 def _cache(ds: tf.data.Dataset, cache: str) -> tf.data.Dataset:
   return ds.cache('' if cache == 'memory' else cache) if cache else ds
 
@@ -392,7 +325,7 @@ def _examples(config, builder, split) -> tf.data.Dataset:
 def decoded_split(config, builder, split) -> tf.data.Dataset:
   """{'image' (R, R, 3) float32, 'label', 'position', 'ok'} of `split`, in order."""
   size, prescaled = config.dataset.resize_size, config.dataset.prescaled
-  return map_or_flag(
+  return common.map_or_flag(
       _examples(config, builder, split),
       lambda ex: {'image': decode_square(ex['jpeg'], size, prescaled), 'label': ex['label']},
       parallel=config.dataset.num_parallel_calls)
@@ -472,8 +405,9 @@ def train_batches(examples: tf.data.Dataset, config, stats: Stats, *,
                     lambda: tf.where(end, tf.constant(0, tf.int64), count))
     return count, batch
 
-  ds = map_or_flag(examples, decode_and_augment, parallel=ds_cfg.num_parallel_calls,
-                   first_position=first_position)
+  ds = common.map_or_flag(examples, decode_and_augment,
+                          parallel=ds_cfg.num_parallel_calls,
+                          first_position=first_position)
   ds = ds.batch(local_batch, drop_remainder=True).map(fill_unreadable)
   return ds.scan(tf.constant(0, tf.int64), report).prefetch(_AUTOTUNE)
 
@@ -498,7 +432,7 @@ def train_dataset(config, builder, stats: Stats, *, split, local_batch: int,
 
 def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
                  num_examples: int, num_batches: int,
-                 crops: str = '') -> Iterator[input_pipeline.Batch]:
+                 crops: str = '') -> Iterator[common.Batch]:
   """Every example of `split` once; mask 0 marks padding and unreadable images.
 
   crops: 'ten' or 'center'; '' = config.dataset.eval_crops.
@@ -515,8 +449,8 @@ def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
                        mean=mean, size=ds_cfg.image_size, crops=crops)
     return {'image': image, 'label': ex['label']}
 
-  ds = map_or_flag(_examples(config, builder, split), decode_and_crop,
-                   parallel=ds_cfg.num_parallel_calls)
+  ds = common.map_or_flag(_examples(config, builder, split), decode_and_crop,
+                          parallel=ds_cfg.num_parallel_calls)
   ds = ds.batch(local_batch).prefetch(2)
   size = ds_cfg.image_size
   empty = {'image': np.zeros((0,) + ((10,) if crops == 'ten' else ()) + (size, size, 3),
@@ -526,18 +460,18 @@ def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
   for batch in ds.as_numpy_iterator():
     readable += int(batch['ok'].sum())
     done += 1
-    yield input_pipeline.pad_batch(
+    yield common.pad_batch(
         {'image': batch['image'], 'label': batch['label'],
          'mask': batch['ok'].astype(np.float32)}, local_batch)
   for _ in range(done, num_batches):
-    yield input_pipeline.pad_batch(empty, local_batch)
+    yield common.pad_batch(empty, local_batch)
   if readable < num_examples:
     logging.warning('imagenet2012 %s: %d unreadable images left out of the '
                     'evaluation (mask 0); eval_examples counts the other %d.',
                     ds_cfg.eval_split, num_examples - readable, readable)
 
 
-def create_data(config, *, local_batch: int, eval_local_batch: int) -> input_pipeline.Data:
+def create_data(config, *, local_batch: int, eval_local_batch: int) -> common.Data:
   """The paper's ImageNet pipelines for this process (see the module docstring)."""
   ds_cfg = config.dataset
   builder = prepare(config)
@@ -555,7 +489,7 @@ def create_data(config, *, local_batch: int, eval_local_batch: int) -> input_pip
   eval_counts = [builder.info.splits[s].num_examples for s in eval_splits]
   eval_split = eval_splits[jax.process_index()]
   num_eval_batches = math.ceil(max(eval_counts) / eval_local_batch)
-  return input_pipeline.Data(
+  return common.Data(
       train=lambda start: train_dataset(
           config, builder, stats, split=train_split, local_batch=local_batch,
           steps_per_epoch=steps_per_epoch, start_step=start),

@@ -1,14 +1,14 @@
 """XLA CPU settings that make the AlexNet train step fast; applied by default.
 
-  from alexnet_jax import xla_flags; xla_flags.set_cpu_defaults()  # before `import jax`
+  backend.configure_process()  # before JAX starts a backend
 
 XLA reads `XLA_FLAGS` once, when JAX opens its first backend, so this must run
-before JAX is imported. Each flag is added only if `XLA_FLAGS` does not name
+before then. Each flag is added only if `XLA_FLAGS` does not name
 it already, so a user's own setting always wins, e.g.
 `XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution`
 brings jaxlib's default back (ALEXNET_XLA_DEFAULTS=0 skips all defaults).
 
-What the flag does (jaxlib 0.10.2, measured by `alexnet_jax.benchmarks.train_step`
+What the flag does (jaxlib 0.10.2, measured by `benchmarks.train_step`
 on the 2-core AMD EPYC (Zen 4) of the README's "Performance" section): jaxlib hands
 both convolutions and matrix products to YNNPACK by default; AlexNet's
 convolutions (forward, input and kernel gradients) run 2-4x faster with XLA's
@@ -34,7 +34,7 @@ reused, and later steps take no page faults at all. The price is memory: the
 heap keeps what it once held (paper model, batch 128: 8.4 GB peak RSS over 80
 steps against 3.2 GB with huge pages only; see README.md). glibc reads its tunables
 only when a process starts. It is done by the entry points (`alexnet_jax.main`,
-the benchmarks), never on import, and only when JAX will run on the CPU: not
+the benchmarks, through `backend.configure_process`), never on import, and only when JAX will run on the CPU: not
 when JAX_PLATFORMS names another platform first or an accelerator plugin
 (CUDA, ROCm, TPU) is installed, since the one arena would serialise a GPU
 host's input threads.

@@ -16,14 +16,15 @@ is needed, registers their handlers with XLA, and exposes
   momentum_update  the paper's momentum rule, computed and applied in one
                  pass over each parameter.
 
-`models` uses them when `config.conv_impl` is 'onednn', or 'auto' (the
-default) and JAX runs on the CPU; on GPUs XLA's own operations are kept. The
+`cpu.ops.OneDNNOps` implements the network's operations with them
+(`backend.select_ops` chooses it when `config.conv_impl` is 'onednn' or
+'winograd', or 'auto' (the default) and JAX runs on the CPU). The
 library is built once per source, jaxlib, oneDNN version and CPU into
 $ALEXNET_BUILD_DIR (default ~/.cache/alexnet_jax) with an atomic rename, so
 concurrent processes may build it at once; $CXX and $CXXFLAGS choose the
 compiler and add flags.
 
-  python -m alexnet_jax.onednn     # builds it and checks it against XLA
+  python -m alexnet_jax.cpu.onednn     # builds it and checks it against the reference ops
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 
 from absl import logging
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+from alexnet_jax import ops as ops_lib
 
 SOURCES = tuple(pathlib.Path(__file__).parent / 'csrc' / f
                 for f in ('onednn_conv.cc', 'relu_lrn_pool.cc', 'after_all.cc', 'momentum.cc'))
@@ -53,7 +58,7 @@ TARGETS = ('onednn_conv_fwd', 'onednn_conv_fwd_bias', 'onednn_conv_bwd_data',
            'momentum_update')
 INSTALL_HINT = ('install a C++ compiler and oneDNN (Debian: `apt-get install g++ '
                 'libdnnl-dev`; launch/setup.sh does this), or set '
-                "--config.conv_impl=xla to use XLA's own convolutions")
+                "--config.conv_impl=xla to use the reference (XLA) operations")
 
 _lock = threading.Lock()
 _state: dict[str, object] = {}
@@ -184,15 +189,6 @@ def fused_lanes() -> int:
   return load().alexnet_relu_lrn_pool_lanes()
 
 
-def record(impl: str, dtype) -> dict:
-  """Which convolutions a run uses, for benchmark JSON files."""
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
-  if not models.uses_onednn(impl, dtype):
-    return {'conv_impl': impl, 'convolutions': 'xla', 'onednn_missing': unavailable_reason()}
-  return {'conv_impl': impl, 'convolutions': 'onednn', 'onednn_version': version(),
-          'onednn_primitives': describe().splitlines()}
-
-
 def after_all(tree):
   """`tree`, each leaf available only once every leaf is computed (CPU).
 
@@ -244,12 +240,6 @@ def momentum_update(params, velocity, grads, lr, *, momentum: float, decay,
   out = jax.ffi.ffi_call('alexnet_momentum_update', results, input_output_aliases=aliases)(
       *operands, momentum=np.float32(momentum), nesterov=bool(nesterov), decay=wds)
   return treedef.unflatten(out[0::2]), treedef.unflatten(out[1::2])
-
-
-def explicit_pads(in_hw, kernel_hw, stride, padding) -> tuple[tuple[int, int], ...]:
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(in_hw, kernel_hw, (stride, stride), padding)
-  return tuple((int(lo), int(hi)) for lo, hi in padding)
 
 
 # `algorithm` of the custom calls: oneDNN's direct kernels, or its Winograd
@@ -330,11 +320,25 @@ _conv.defvjp(_conv_fwd, _conv_bwd)
 
 # With a bias, added by the forward call's kernels (a separate pass would read
 # and write y once more). Its gradient, the sum of dy over N, H and W, is XLA's
-# (`models.sum_to_last_axis`): oneDNN 2.6 computes it inside the kernel
+# (`sum_to_last_axis`): oneDNN 2.6 computes it inside the kernel
 # gradient's call, but slower (conv1's kernel gradient at batch 64 took 43
 # against 35 ms with it), and the whole step was 1.5% slower. Followed by
 # `relu_lrn_pool`, the fused kernel's backward pass sums it instead
 # (`conv_relu_lrn_pool`).
+def sum_to_last_axis(g: jax.Array) -> jax.Array:
+  """Sums every axis but the last, in float32, one leading axis at a time.
+
+  XLA CPU turns a sum over (B, H, W) into a tree of reduce-windows that
+  runs 10x slower than these leading-axis sums over contiguous rows; the
+  barriers keep it from merging them back into one reduction.
+  """
+  g = g.astype(jnp.float32)
+  while g.ndim > 1:
+    g = jax.lax.optimization_barrier(
+        jnp.sum(g.reshape(g.shape[0], -1), axis=0)).reshape(g.shape[1:])
+  return g
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
 def _conv_bias(x, w, b, stride, pads, groups, algorithm):
   return _forward(x, w, stride, pads, groups, b, algorithm)
@@ -346,9 +350,8 @@ def _conv_bias_fwd(x, w, b, stride, pads, groups, algorithm):
 
 def _conv_bias_bwd(stride, pads, groups, algorithm, res, dy):
   x, w, b = res
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top  # imports this module
   dx, dw = _conv_bwd(stride, pads, groups, algorithm, (x, w), dy)
-  return dx, dw, models.sum_to_last_axis(dy).astype(b.dtype)
+  return dx, dw, sum_to_last_axis(dy).astype(b.dtype)
 
 
 _conv_bias.defvjp(_conv_bias_fwd, _conv_bias_bwd)
@@ -369,7 +372,7 @@ def _conv_pads(x, kernel, stride, padding, groups, bias) -> tuple[tuple[int, int
     raise ValueError(f'input has {x.shape[-1]} channels and the kernel {kernel.shape[2]} '
                      f'inputs and {kernel.shape[3]} outputs per group: they do not '
                      f'make {groups} groups')
-  return explicit_pads(x.shape[1:3], kernel.shape[:2], stride, padding)
+  return ops_lib.conv_pads(padding, x.shape[1:3], kernel.shape[:2], stride)
 
 
 def _algorithm(winograd: bool, x, kernel, stride) -> int:
@@ -397,16 +400,6 @@ def conv_nhwc(x: jax.Array, kernel: jax.Array, stride: int, padding,
   if bias is None:
     return _conv(x, kernel, int(stride), pads, int(groups), algorithm)
   return _conv_bias(x, kernel, bias, int(stride), pads, int(groups), algorithm)
-
-
-def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
-  """(before, after) pads of one spatial axis for 'VALID' or 'SAME' pooling."""
-  if padding == 'VALID':
-    return 0, 0
-  if padding != 'SAME':
-    raise ValueError(f"padding={padding!r}; use 'VALID' or 'SAME'")
-  total = max((-(-size // stride) - 1) * stride + window - size, 0)
-  return total // 2, total - total // 2
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -474,8 +467,8 @@ def _pool_attrs(x_shape, dtype, window, stride, padding='VALID', lrn=None, tower
     raise ValueError(f'{x_shape[-1]} channels in {towers} towers, window {window}: '
                      'channels must split evenly and windows hold at most 256 taps')
   n, h, w, c = x_shape
-  pt, pb = pool_pads(h, window, stride, padding)
-  pl, pr = pool_pads(w, window, stride, padding)
+  pt, pb = ops_lib.pool_pads(h, window, stride, padding)
+  pl, pr = ops_lib.pool_pads(w, window, stride, padding)
   y_shape = (n, (h + pt + pb - window) // stride + 1, (w + pl + pr - window) // stride + 1, c)
   lrn = lrn or {'size': 0, 'k': 0.0, 'scale': 0.0, 'beta': 0.0}
   attrs = (('size', np.int64(lrn['size'])), ('towers', np.int64(towers)),
@@ -488,16 +481,16 @@ def _pool_attrs(x_shape, dtype, window, stride, padding='VALID', lrn=None, tower
 
 def relu_lrn_pool(x: jax.Array, *, window: int, stride: int, padding: str = 'VALID',
                   lrn: dict | None = None, towers: int = 1) -> jax.Array:
-  """`max_pool(local_response_norm(relu(x)))` of `models`, fused (CPU).
+  """`max_pool(local_response_norm(relu(x)))` of `alexnet_jax.ops`, fused (CPU).
 
   The three operations run as one pass over each image per direction
   (`csrc/relu_lrn_pool.cc`); only x and the window tap of every maximum (one
   byte) are kept for the backward pass. x is float32 or bfloat16; the LRN is
   computed in float32 either way, and in bfloat16 its output is rounded
-  before the pooling, as in `models`. `lrn`: None, or the LRN's `size`,
+  before the pooling, as in the reference. `lrn`: None, or the LRN's `size`,
   `k`, `scale` (the alpha that multiplies the window sum) and `beta`, its
   windows clipped to each of `towers` channel blocks. Pooling as
-  `models.max_pool` (ties: the first maximum in row-major order; a NaN is
+  `ops.max_pool` (ties: the first maximum in row-major order; a NaN is
   a maximum, and passes on, as in XLA).
   """
   y_shape, attrs = _pool_attrs(x.shape, x.dtype, window, stride, padding, lrn, towers)
@@ -526,7 +519,6 @@ def conv_relu_lrn_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array, stride:
 
 
 def main():
-  import time  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   path = build()
   print(f'CPU kernels: {path} ({time.perf_counter() - start:.1f} s)')
@@ -538,9 +530,8 @@ def main():
   err = float(np.max(np.abs(np.asarray(conv_nhwc(x, w, 1, 'SAME') - ref))))
   print(f'max |oneDNN - XLA| on a 3x3 convolution: {err:.2e}')
   print(describe(), end='')
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
   a = jax.nn.relu(ref)
-  a = models.max_pool(models.local_response_norm(a, towers=2), 3, 2)
+  a = ops_lib.max_pool(ops_lib.local_response_norm(a, towers=2), 3, 2)
   b = relu_lrn_pool(ref, window=3, stride=2, towers=2,
                     lrn={'size': 5, 'k': 2.0, 'scale': 1e-4, 'beta': 0.75})
   fused_err = float(np.max(np.abs(np.asarray(a - b))))

@@ -1,4 +1,4 @@
-"""The network of `models.AlexNet` in PyTorch, for speed comparisons only.
+"""The network of `alexnet_jax.model.AlexNet` in PyTorch, for speed comparisons only.
 
 Built from the same `config.model`: the same layer shapes, towers, local
 response normalisation (within each tower, the paper's or Caffe's alpha),
@@ -58,7 +58,7 @@ def _window_sum(x_BCHW, size: int, towers: int, reverse: bool = False):
 
 
 class _LRNFunction(torch.autograd.Function):
-  """`models.local_response_norm`'s algorithm: the backward reuses the denominator."""
+  """`alexnet_jax.ops.local_response_norm`'s algorithm: the backward reuses the denominator."""
 
   @staticmethod
   def forward(ctx, x, size, k, scale, beta, towers):
@@ -81,7 +81,7 @@ class TowerLRN(nn.Module):
   """Local response normalisation across channels, within each tower.
 
   impl='module': `torch.nn.LocalResponseNorm` per tower (its avg_pool3d over
-  the channel axis is slow on CPU). impl='fast': the algorithm of models.py
+  the channel axis is slow on CPU). impl='fast': the algorithm of alexnet_jax/ops.py
   (window sum of shifted slices, a backward pass that reuses the
   denominator), several times faster here; the benchmark's default, so that
   PyTorch is not held back by its stock module.

@@ -1,14 +1,18 @@
 """Train-step speed: the project's JAX step against the same network in PyTorch.
 
-  python -m alexnet_jax.benchmarks.train_step --config=configs/paper.py \\
+  python -m benchmarks.train_step --config=configs/paper.py \\
       [--config.global_batch_size=128] [--config.dtype=bfloat16] [--out=FILE]
-  python -m alexnet_jax.benchmarks.train_step --suite   # the README table
+  python -m benchmarks.train_step --suite   # the README table
+
+(from the repository's root, or with it on PYTHONPATH).
 
 One process measures, interleaved so that other load on the machine hits both
 alike:
-  jax    `train.train_step`, pmapped on one device with the state donated, as
-         the trainer runs it, with the CPU defaults of `alexnet_jax.xla_flags`
-         (set before JAX loads; a flag given in XLA_FLAGS wins);
+  jax    `train.train_step`, pmapped on one device with the state donated
+         (`train.make_steps`), as the trainer runs it, on the operations
+         `backend.select_ops` picks for config.conv_impl, with the CPU
+         defaults of `backend.configure_process` (`alexnet_jax/cpu/xla_flags.py`;
+         set before JAX opens a backend; a flag given in XLA_FLAGS wins);
   torch  `benchmarks.torch_alexnet`: the same network, batch, dropout and
          momentum rule in eager PyTorch, channels_last, grouped convolutions,
          the fast LRN, one thread per core.
@@ -21,7 +25,7 @@ faster of a JAX and a PyTorch n x n GEMM timed in the same run (fp32, and
 bf16 for --config.dtype=bfloat16); memory (see `_memory`); for Fashion-MNIST
 and ImageNet the train time per epoch that the step rate gives.
 
-  python -m alexnet_jax.benchmarks.train_step --towers_at=64 [--lrn_controls] \\
+  python -m benchmarks.train_step --towers_at=64 [--lrn_controls] \\
       [--reps=15 --steps=2]
 
 --towers_at=B times, instead, the JAX steps of configs/paper.py (two towers)
@@ -46,14 +50,12 @@ from __future__ import annotations
 import os
 import sys
 
-from alexnet_jax import benchmarks
+from alexnet_jax import backend
 from alexnet_jax import config_lib
-from alexnet_jax import xla_flags
 
-xla_flags.set_cpu_defaults()  # must precede the first JAX import
+backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
-import functools
 import json
 import math
 import platform
@@ -65,15 +67,22 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import model as model_lib
+from alexnet_jax import optim
+from alexnet_jax import parallel
 # summary defines the --config flag (a config file, with --config.* overrides);
 # this module reuses it rather than defining a second one.
 from alexnet_jax import summary
+from alexnet_jax import train
+import benchmarks
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
-_REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 flags.DEFINE_string('out', '', 'JSON results file; default '
                     'benchmarks_out/train_step_<config>_b<batch>_<dtype>.json.')
 flags.DEFINE_integer('reps', 5, 'Interleaved repetitions; the median is reported.')
@@ -84,7 +93,7 @@ flags.DEFINE_integer('gemm_size', 2048, 'n of the n x n x n GEMM that measures t
 flags.DEFINE_enum('torch_towers', 'groups', ['groups', 'split'],
                   'PyTorch grouped layers: Conv2d(groups=2) or split + two convs.')
 flags.DEFINE_enum('torch_lrn', 'fast', ['fast', 'module'],
-                  'PyTorch LRN: models.py\'s algorithm or nn.LocalResponseNorm.')
+                  'PyTorch LRN: ops.py\'s algorithm or nn.LocalResponseNorm.')
 flags.DEFINE_bool('torch_channels_last', True, 'PyTorch NHWC memory format.')
 flags.DEFINE_bool('suite', False, 'Run every case of SUITE, one process each.')
 flags.DEFINE_integer('towers_at', 0, 'Instead of JAX against PyTorch: the two-tower '
@@ -164,8 +173,6 @@ def _median_rate(fn, n: int, reps: int = 3) -> float:
 
 def measure_gemm_peak(n: int, dtype: str = 'float32') -> dict[str, float]:
   """FLOP/s of an n x n x n matrix product in JAX and in PyTorch, interleaved."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   a = np.random.RandomState(0).randn(n, n).astype(np.float32)
   aj = jnp.asarray(a, dtype)
@@ -187,29 +194,21 @@ def measure_gemm_peak(n: int, dtype: str = 'float32') -> dict[str, float]:
 
 def _jax_runner(config, batch_size: int):
   """The trainer's pmapped step on one device; returns (step fn, info)."""
-  import flax.jax_utils  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import optim  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import train  # pylint: disable=g-import-not-at-top
-
   devices = jax.local_devices()[:1]
-  model = models.create_model(config.model, config.dataset.num_classes, config.dtype,
-                              config.conv_impl)
+  layout = parallel.Layout(len(devices), towers=1)  # the whole network on the device
+  model = model_lib.create_model(config, _select_ops(config))
   tx = optim.create_optimizer(config.optimizer)
   schedule = optim.create_schedule(config.schedule, config.schedule.base_lr, 1000,
                                    100_000)
-  state = flax.jax_utils.replicate(train.create_train_state(config, model, tx), devices)
+  p_step, _ = train.make_steps(model, layout, tx, schedule, config.seed, devices)
+  state = parallel.state_to_devices(train.create_train_state(config, model, tx), layout,
+                                    devices)
   size, channels = config.dataset.image_size, len(config.dataset.mean)
   rs = np.random.RandomState(0)
   batch = {
-      'image': rs.randn(1, batch_size, size, size, channels).astype(np.float32),
-      'label': rs.randint(0, config.dataset.num_classes, (1, batch_size)).astype(np.int32)}
-  batch = jax.device_put(batch, devices[0])
-  p_step = jax.pmap(
-      functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                        seed=config.seed),
-      axis_name=train.AXIS, devices=devices, donate_argnums=(0,))
+      'image': rs.randn(batch_size, size, size, channels).astype(np.float32),
+      'label': rs.randint(0, config.dataset.num_classes, (batch_size,)).astype(np.int32)}
+  batch = jax.device_put(parallel.shard_batch(batch, layout), devices[0])
   t0 = time.perf_counter()
   compiled = p_step.lower(state, batch).compile()
   compile_sec = time.perf_counter() - t0
@@ -238,9 +237,16 @@ def _jax_runner(config, batch_size: int):
   return run, info
 
 
+def _select_ops(config):
+  """The operations the trainer would run `config` on here (`backend.select_ops`)."""
+  return backend.select_ops(config.conv_impl, config.dtype)
+
+
 def _torch_runner(config, batch_size: int, towers: str, lrn: str, channels_last: bool):
+  # PyTorch loads only when its step is built (after JAX's), and is needed by
+  # the JAX-against-PyTorch figures only.
   import torch  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.benchmarks import torch_alexnet  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_alexnet  # pylint: disable=g-import-not-at-top
   threads = torch_alexnet.setup_cpu_threads()
   torch.manual_seed(0)
   net, opt = torch_alexnet.create(config, tower_mode=towers,
@@ -301,8 +307,6 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
                   torch_towers: str = 'groups', torch_lrn: str = 'fast',
                   torch_channels_last: bool = True) -> dict:
   """Interleaved JAX / PyTorch train-step rates and derived figures."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   config_lib.validate(config, 1)  # bad keys and values fail as in training
   batch = config.global_batch_size
   load_before = _loadavg()
@@ -364,8 +368,8 @@ def run_benchmark(config, *, reps: int, steps: int, warmup: int, gemm_size: int,
       'setup': {'reps': reps, 'steps_per_rep': steps, 'warmup': warmup,
                 'torch': torch_info, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-                'jax_devices': 1,
-                **onednn.record(config.conv_impl, config.dtype)},
+                'jax_devices': 1, 'conv_impl': config.conv_impl,
+                **backend.describe(_select_ops(config))},
       'versions': {'jax': jax.__version__, 'python': platform.python_version(),
                    'torch': torch_info['version']},
       'machine': {'cpus': os.cpu_count(), 'processor': _processor(),
@@ -421,8 +425,6 @@ def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int,
   repetition) so that all see the same machine, and the ratio of each
   repetition's pair is reported beside the ratio of the medians.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
   names = list(configs)
   if len(names) < 2:
     raise ValueError(f'compare_towers takes at least two configs, got {names}')
@@ -465,7 +467,7 @@ def compare_towers(configs: dict, *, reps: int, steps: int, warmup: int,
       'setup': {'reps': reps, 'steps_per_rep': steps, 'warmup': warmup,
                 'xla_flags': os.environ.get('XLA_FLAGS', ''),
                 'glibc_tunables': os.environ.get('GLIBC_TUNABLES', ''),
-                'convolutions': {n: onednn.record(c.conv_impl, c.dtype)['convolutions']
+                'convolutions': {n: backend.describe(_select_ops(c))['convolutions']
                                  for n, c in configs.items()}},
       'versions': {'jax': jax.__version__},
       'machine': {'cpus': os.cpu_count(), 'processor': _processor(),
@@ -581,7 +583,7 @@ def run_suite(out: str, extra_args: list[str]) -> dict:
   os.makedirs(out_dir, exist_ok=True)
 
   def run(path, args):  # this module in a process of its own; its JSON
-    cmd = [sys.executable, '-m', 'alexnet_jax.benchmarks.train_step', *args, f'--out={path}']
+    cmd = [sys.executable, '-m', 'benchmarks.train_step', *args, f'--out={path}']
     print('$', ' '.join(cmd[1:]), flush=True)
     subprocess.run(cmd, check=True, cwd=_REPO)
     with open(path) as f:
@@ -666,5 +668,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  xla_flags.restart_with_malloc_defaults('alexnet_jax.benchmarks.train_step')  # see xla_flags: "Memory"
+  # malloc settings on the CPU: see alexnet_jax/cpu/xla_flags.py, "Memory"
+  backend.configure_process(restart_module='benchmarks.train_step')
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -1,17 +1,20 @@
 """Each convolution of a network, timed alone: JAX (XLA's and oneDNN's kernels) and PyTorch.
 
-  python -m alexnet_jax.benchmarks.conv_layers --config=configs/single_tower.py \\
+  python -m benchmarks.conv_layers --config=configs/single_tower.py \\
       [--config.global_batch_size=64] [--out=FILE]
+
+(from the repository's root, or with it on PYTHONPATH).
 
 For every convolution of the config's network, at the config's batch size,
 one process times interleaved:
-  xla     the convolution as `models.TowerConv` runs it (`models.conv_nhwc`,
-          one per tower for grouped layers) with conv_impl='xla' (XLA CPU's
-          Eigen kernels), jitted: the forward pass, the input gradient and
-          the kernel gradient, each its own program;
-  onednn  the same with conv_impl='onednn' (`alexnet_jax.onednn`, the CPU
-          default; a grouped layer is one call with feature groups); left
-          out, with a note, when oneDNN cannot be built;
+  xla     the convolution of the reference operations (`ops.conv_nhwc`, what
+          conv_impl='xla' runs: XLA CPU's Eigen kernels; a grouped layer is
+          one convolution with feature groups), jitted: the forward pass, the
+          input gradient and the kernel gradient, each its own program;
+  onednn  the same on the CPU kernels (`alexnet_jax.cpu.onednn.conv_nhwc`,
+          what conv_impl='onednn' and the CPU default run; a grouped layer is
+          one call with feature groups); left out, with a note, when oneDNN
+          cannot be built;
   winograd  the same with conv_impl='winograd' (oneDNN's Winograd kernels
           for the float32 3x3 stride-1 layers, the direct ones elsewhere);
           left out with onednn;
@@ -31,11 +34,10 @@ from __future__ import annotations
 
 import os
 
-from alexnet_jax import benchmarks
+from alexnet_jax import backend
 from alexnet_jax import config_lib
-from alexnet_jax import xla_flags
 
-xla_flags.set_cpu_defaults()  # must precede the first JAX import
+backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import statistics
@@ -43,10 +45,16 @@ import time
 
 from absl import app
 from absl import flags
+import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from alexnet_jax import ops as ops_lib
 from alexnet_jax import summary  # pylint: disable=unused-import  # defines --config
+# This benchmark times the CPU kernels themselves, not the operations a run selects.
+from alexnet_jax.cpu import onednn
+import benchmarks
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 
@@ -63,11 +71,10 @@ PARTS = ('forward', 'input_grad', 'kernel_grad')
 def conv_layers(config) -> list[dict]:
   """The network's convolutions: input size, channels, kernel, stride, pads, groups.
 
-  As `models.AlexNet` builds them: conv1 with the config's stride and
+  As `model.AlexNet` builds them: conv1 with the config's stride and
   padding, the others stride 1 with "same" padding; conv2, conv4 and conv5
   grouped by tower; max pooling after conv1 and conv2.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   m = config.model
   size = config.dataset.image_size
   channels = len(config.dataset.mean)
@@ -107,33 +114,44 @@ def make_inputs(layer: dict, batch: int, seed: int = 0) -> dict[str, np.ndarray]
   }
 
 
+IMPLS = ('xla', 'onednn', 'winograd')  # the JAX columns
+
+
+def conv_fn(impl: str):
+  """conv(x, kernel, stride, pads, groups) of one JAX column, without a bias.
+
+  'xla': the reference operations' convolution; 'onednn' and 'winograd': the
+  CPU kernels' (direct, or Winograd where oneDNN has it).
+  """
+  if impl == 'xla':
+    return ops_lib.conv_nhwc
+  if impl in ('onednn', 'winograd'):
+    return lambda x, w, stride, pads, groups: onednn.conv_nhwc(
+        x, w, stride, pads, groups, winograd=impl == 'winograd')
+  raise ValueError(f'impl={impl!r}; use one of {IMPLS}')
+
+
 def jax_parts(layer: dict, inputs: dict, impl: str):
   """Forward / input-gradient / kernel-gradient functions.
 
-  Each returns a list of arrays (NHWC, or HWIO for the kernel gradient) that
-  hold the towers side by side, as `models.TowerConv` keeps them.
+  Each returns one array (NHWC, or HWIO for the kernel gradient) that holds
+  the towers side by side, as `model.AlexNet` keeps them: a grouped layer is
+  one convolution with feature groups in every column.
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import models  # pylint: disable=g-import-not-at-top
-  g = layer['groups']
-  # On oneDNN a grouped layer is one call with feature groups, elsewhere one
-  # convolution per tower, as `models.TowerConv` runs them.
-  pieces = 1 if models.uses_onednn(impl) else g
-  xs, ks, gys = (jnp.split(jnp.asarray(inputs[n]), pieces, axis=-1) for n in ('x', 'w', 'gy'))
+  conv = conv_fn(impl)
+  x, w, gy = (jnp.asarray(inputs[n]) for n in ('x', 'w', 'gy'))
 
-  def apply(xs, ks):
-    return [models.conv_nhwc(x, w, layer['stride'], layer['pads'], impl, groups=g // pieces)
-            for x, w in zip(xs, ks)]
+  def apply(x, w):
+    return conv(x, w, layer['stride'], layer['pads'], layer['groups'])
 
   programs = {
-      'forward': jax.jit(lambda xs, ks, gys: apply(xs, ks)),
+      'forward': jax.jit(lambda x, w, gy: apply(x, w)),
       'input_grad': jax.jit(
-          lambda xs, ks, gys: jax.vjp(lambda xs: apply(xs, ks), xs)[1](gys)[0]),
+          lambda x, w, gy: jax.vjp(lambda x: apply(x, w), x)[1](gy)[0]),
       'kernel_grad': jax.jit(
-          lambda xs, ks, gys: jax.vjp(lambda ks: apply(xs, ks), ks)[1](gys)[0]),
+          lambda x, w, gy: jax.vjp(lambda w: apply(x, w), w)[1](gy)[0]),
   }
-  return {name: (lambda f=f: jax.block_until_ready(f(xs, ks, gys)))
+  return {name: (lambda f=f: jax.block_until_ready(f(x, w, gy)))
           for name, f in programs.items()}
 
 
@@ -178,16 +196,15 @@ def _time(fn) -> float:
 
 def run_benchmark(config, reps: int) -> dict:
   """Median seconds of every part of every convolution, every implementation."""
-  import jax  # pylint: disable=g-import-not-at-top
+  # PyTorch is needed by this function only (the JAX columns run without it).
   import torch  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import onednn  # pylint: disable=g-import-not-at-top
-  from alexnet_jax.benchmarks import torch_alexnet  # pylint: disable=g-import-not-at-top
+  from benchmarks import torch_alexnet  # pylint: disable=g-import-not-at-top
   threads = torch_alexnet.setup_cpu_threads()
   batch = config.global_batch_size
-  missing = onednn.unavailable_reason()
+  missing = backend.cpu_kernels_unavailable()
   if missing:
     print(f'oneDNN column left out: {missing}')
-  impls = ('xla',) if missing else ('xla', 'onednn', 'winograd')
+  impls = ('xla',) if missing else IMPLS
   rows = []
   for layer in conv_layers(config):
     inputs = make_inputs(layer, batch)
@@ -268,6 +285,6 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  xla_flags.restart_with_malloc_defaults('alexnet_jax.benchmarks.conv_layers')
+  backend.configure_process(restart_module='benchmarks.conv_layers')  # malloc settings
   define_flags()
   app.run(main, flags_parser=config_lib.parse_flags)

@@ -8,7 +8,7 @@ no resize, at the paper's own 30 x 30 crop positions.
 
 `Imagenet2012Squares` is a tfds builder whose source is the prepared
 `imagenet2012`: same splits, labels and file names; each image is
-`imagenet.center_square_resize` of the original, rounded to uint8 and stored
+`common.center_square_resize` of the original, rounded to uint8 and stored
 as a JPEG of quality `quality`. Images that do not decode are left out and
 counted. `imagenet.prepare` builds it on first use when
 `dataset.prescaled=True` (the default).
@@ -22,7 +22,7 @@ from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from alexnet_jax import imagenet
+from alexnet_jax.data import common
 
 NAME = 'imagenet2012_squares'
 # About 20 KB per 256x256 image at quality 90: ~27 GB for the 1.33 M images.
@@ -31,7 +31,7 @@ SIZE_NOTE = 'about 27 GB for 256x256 squares at quality 90'
 
 def square_jpeg(jpeg: tf.Tensor, size: int, quality: int) -> tf.Tensor:
   """The JPEG of the central (size, size) square of the shorter-side-`size` rescale."""
-  square = imagenet.center_square_resize(jpeg, size)
+  square = common.center_square_resize(jpeg, size)
   pixels = tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
   return tf.io.encode_jpeg(pixels, quality=quality)
 
@@ -75,7 +75,7 @@ class Imagenet2012Squares(tfds.core.GeneratorBasedBuilder):
     ds = self._source.as_dataset(split=split, shuffle_files=False,
                                  decoders={'image': tfds.decode.SkipDecoding()})
     ds = ds.enumerate().map(lambda i, ex: {'position': i, **ex})
-    ds = imagenet.map_or_flag(
+    ds = common.map_or_flag(
         ds, lambda ex: {'image': square_jpeg(ex['image'], self._size, self._quality),
                         'label': ex['label'], 'file_name': ex['file_name']},
         parallel=tf.data.AUTOTUNE)

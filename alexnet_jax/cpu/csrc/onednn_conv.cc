@@ -1,7 +1,7 @@
 // Convolutions for XLA CPU through oneDNN, as XLA FFI custom calls.
 //
 // Three handlers, all on NHWC activations and HWIO kernels (the layout of
-// models.conv_nhwc), float32 or bfloat16, explicit padding, and `groups`
+// ops.conv_nhwc), float32 or bfloat16, explicit padding, and `groups`
 // feature groups (group g: input channels [g C/G, (g+1) C/G), output channels
 // [g O/G, (g+1) O/G), the kernel's I axis holding C/G channels):
 //   alexnet_onednn_conv_fwd          y  = conv(x, w)

@@ -1,6 +1,8 @@
 """Input speed: the tf.data training pipeline against bare decoding and PIL.
 
-  python -m alexnet_jax.benchmarks.input_pipeline [--out=benchmarks_out/input_pipeline.json]
+  python -m benchmarks.input_pipeline [--out=benchmarks_out/input_pipeline.json]
+
+(from the repository's root, or with it on PYTHONPATH).
 
 Makes ImageNet-like JPEGs (500x375 or 375x500, quality 90, cut from real
 photos) and their prescaled copies (256x256 squares, quality 90, made by
@@ -37,13 +39,23 @@ import platform
 import statistics
 import time
 
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import app
 from absl import flags
 import numpy as np
 import PIL
 from PIL import Image
+import skimage.data
+from sklearn.datasets import load_sample_images
+import tensorflow as tf
 
-from alexnet_jax import benchmarks
+from alexnet_jax import config_lib
+from alexnet_jax.data import imagenet
+from alexnet_jax.data import imagenet_squares
+import benchmarks
+# pylint: enable=g-import-not-at-top,wrong-import-position
 
 
 def define_flags():
@@ -61,8 +73,6 @@ QUALITY = 90  # of the prescaled squares, as config_lib's default
 
 def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
   """ImageNet-like JPEGs: random 4:3 / 3:4 cuts of real photos, 500x375, q90."""
-  import skimage.data  # pylint: disable=g-import-not-at-top
-  from sklearn.datasets import load_sample_images  # pylint: disable=g-import-not-at-top
   photos = [getattr(skimage.data, name)() for name in
             ('astronaut', 'chelsea', 'coffee', 'rocket', 'immunohistochemistry')]
   photos += list(load_sample_images().images)
@@ -84,8 +94,6 @@ def make_jpegs(n: int, seed: int = 0) -> list[bytes]:
 
 
 def _stats():
-  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
   c = config_lib.base_config().dataset
   # A smooth, non-constant mean image, so subtracting it costs what a real one does.
   ramp = np.linspace(100, 140, RESIZE, dtype=np.float32)
@@ -95,7 +103,6 @@ def _stats():
 
 
 def _one_thread(ds):
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   options = tf.data.Options()
   options.threading.private_threadpool_size = 1
   options.threading.max_intra_op_parallelism = 1
@@ -104,15 +111,11 @@ def _one_thread(ds):
 
 def _squares(jpegs: list[bytes]) -> list[bytes]:
   """The prescaled copies of `jpegs`, as `imagenet_squares` writes them."""
-  from alexnet_jax import imagenet_squares  # pylint: disable=g-import-not-at-top
   return [imagenet_squares.square_jpeg(j, RESIZE, QUALITY).numpy() for j in jpegs]
 
 
 def tf_pipeline(jpegs: list[bytes], n: int, *, prescaled: bool):
   """The training pipeline over `n` images; returns a function that runs it."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
-  from alexnet_jax import imagenet  # pylint: disable=g-import-not-at-top
   config = config_lib.base_config()
   config.dataset.prescaled = prescaled
   stats = _stats()
@@ -127,7 +130,6 @@ def tf_pipeline(jpegs: list[bytes], n: int, *, prescaled: bool):
 
 def _tf_map(jpegs: list[bytes], n: int, fn):
   """fn over `n` JPEGs on one thread; one pixel per image leaves the graph."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   ds = tf.data.Dataset.from_tensor_slices(jpegs).repeat().take(n)
   ds = ds.map(lambda j: tf.reshape(fn(j), [-1])[0],
               num_parallel_calls=tf.data.AUTOTUNE).batch(BATCH)
@@ -137,13 +139,11 @@ def _tf_map(jpegs: list[bytes], n: int, fn):
 
 def tf_decode(jpegs: list[bytes], n: int):
   """Bare `decode_jpeg` of `n` images (reduced in-graph, batched like the pipeline)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   return _tf_map(jpegs, n, lambda j: tf.io.decode_jpeg(j, channels=3))
 
 
 def tf_make_squares(jpegs: list[bytes], n: int):
   """The one-off conversion of `imagenet_squares`: decode, rescale, encode."""
-  from alexnet_jax import imagenet_squares  # pylint: disable=g-import-not-at-top
   return _tf_map(jpegs, n, lambda j: imagenet_squares.square_jpeg(j, RESIZE, QUALITY))
 
 
@@ -192,7 +192,6 @@ def _measure(run, n: int) -> dict[str, float]:
 
 def run_benchmark(num_jpegs: int, images: int, rounds: int, epochs: int) -> dict:
   """All variants, interleaved over `rounds`; medians and target checks."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   jpegs = make_jpegs(num_jpegs)
   squares = _squares(jpegs)
@@ -248,7 +247,6 @@ def run_benchmark(num_jpegs: int, images: int, rounds: int, epochs: int) -> dict
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   f = flags.FLAGS
   if f.images % BATCH:
     raise app.UsageError(f'--images must be a multiple of {BATCH}')

@@ -1,6 +1,6 @@
 // ReLU -> local response normalisation (optional) -> max pooling, fused, as
 // XLA FFI custom calls on NHWC float32 or bfloat16 activations (computed in
-// float32, as models.local_response_norm does):
+// float32, as ops.local_response_norm does):
 //   alexnet_relu_lrn_pool_fwd  x -> (y, arg)   arg: the window tap (row-major,
 //                                               uint8) each maximum came from
 //   alexnet_relu_lrn_pool_bwd  (x, arg, dy) -> dx
@@ -19,10 +19,10 @@
 // only later, is written around the caches (streaming stores) when its
 // vectors are aligned; bfloat16 is rounded as it is stored.
 //
-// LRN (models.local_response_norm): b_c = a_c / (k + scale * S_c) ** beta,
+// LRN (ops.local_response_norm): b_c = a_c / (k + scale * S_c) ** beta,
 // S_c = sum of a_j^2 over j in [c - size / 2, c + (size - 1) / 2] within c's
 // tower of C / towers channels; size = 0 turns it off. Pooling
-// (models.max_pool): windows of `window` x `window` taps every `stride`
+// (ops.max_pool): windows of `window` x `window` taps every `stride`
 // pixels, padded by pad_top / pad_left with -inf; ties go to the first
 // maximum in row-major window order, and a NaN counts as a maximum (XLA's
 // max passes NaNs on). The ReLU's gradient at 0 is 0.
@@ -395,7 +395,7 @@ class Lrn {
     const float* sq = At(sq_, t, j);
     const V s = kTaps ? Sum<-kTaps / 2, (kTaps - 1) / 2>(sq) : Sum(sq, -lo_, hi_);
     const V d = L::MulAdd(L::Set(p_.scale), s, L::Set(p_.k));
-    // The paper's beta, as models._inverse_power has it.
+    // The paper's beta, computed as d^-0.5 * d^-0.25.
     return p_.beta == 0.75f ? L::InvPow075(d, recip) : L::InvPow(d, p_.beta, recip);
   }
 
