@@ -135,20 +135,85 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def load_file(path: str) -> ml_collections.ConfigDict:
-  """`get_config()` of a config file such as configs/paper.py."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f'No config file {path}: pass one of configs/*.py')
-  name = 'config_' + os.path.splitext(os.path.basename(path))[0]
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  """`get_config()` of a config file such as configs/paper.py.
+
+  As with `--config`, `path` may end in `:<argument>`, passed to get_config.
+  A file that is not there raises FileNotFoundError, one that does not load
+  (a syntax error, no get_config, an exception in it) ValueError; the message
+  is one line, `cannot load config file <file>[ line <n>]: <what>`.
+  """
+  file, *args = path.split(':', 1)
+  cannot = f'cannot load config file {file}'
+  if not os.path.isfile(file):
+    what = 'not a file' if os.path.exists(file) else 'no such file'
+    raise FileNotFoundError(f'{cannot}: {what} (pass one of configs/*.py)')
+
+  def line_in_file(error):  # the last line of `file` that the traceback passes
+    tb, line = error.__traceback__, None
+    while tb is not None:
+      if os.path.abspath(tb.tb_frame.f_code.co_filename) == os.path.abspath(file):
+        line = tb.tb_lineno
+      tb = tb.tb_next
+    return f' line {line}' if line else ''
+
+  name = 'config_' + os.path.splitext(os.path.basename(file))[0]
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, None))
+  module.__file__ = file
+  try:
+    with open(file, encoding='utf-8') as f:
+      code = compile(f.read(), file, 'exec')
+    exec(code, module.__dict__)  # pylint: disable=exec-used
+    get_config = getattr(module, 'get_config', None)
+    if not callable(get_config):
+      raise ValueError(f'{cannot}: it defines no get_config() (see configs/*.py)')
+    return get_config(*args)
+  except SyntaxError as e:
+    where = '' if os.path.abspath(e.filename or file) == os.path.abspath(file) else f' ({e.filename})'
+    raise ValueError(f'{cannot}{where} line {e.lineno}: {e.msg}') from e
+  except OSError as e:
+    raise ValueError(f'{cannot}{line_in_file(e)}: {e.strerror or e}') from e
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, ValueError) and str(e).startswith(cannot):
+      raise
+    first = str(e).strip().splitlines()
+    raise ValueError(f'{cannot}{line_in_file(e)}: {type(e).__name__}'
+                     f'{": " + first[0] if first else ""}') from e
+
+
+# Counts and intervals: (key, smallest allowed value). Zero is meaningless for
+# the first group; 0 means "off" or "all" for the second.
+POSITIVE_KEYS = ('global_batch_size', 'eval_batch_size', 'num_epochs', 'log_every_steps',
+                 'checkpoint_every_steps', 'keep_checkpoints', 'dataset.image_size',
+                 'dataset.resize_size', 'dataset.shuffle_buffer', 'schedule.patience')
+NON_NEGATIVE_KEYS = ('max_train_steps', 'max_eval_batches', 'num_devices',
+                     'dataset.crop_padding', 'schedule.max_reductions', 'seed')
+
+
+def _get(config, key: str):
+  for part in key.split('.'):
+    config = config[part]
+  return config
+
+
+def _check_counts(config, fail) -> None:
+  """Every count and interval is a whole number in its range."""
+  defaults = base_config()
+  for key in POSITIVE_KEYS + NON_NEGATIVE_KEYS:
+    value, lowest = _get(config, key), 1 if key in POSITIVE_KEYS else 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+      kind = 'a positive whole number' if lowest else 'a whole number >= 0'
+      fail(f'{key}={value!r} must be {kind}: pass e.g. --config.{key}={_get(defaults, key)}')
+  if not config.eval_every_epochs > 0:
+    fail(f'eval_every_epochs={config.eval_every_epochs!r} must be > 0: pass e.g. '
+         '--config.eval_every_epochs=1 (a fraction evaluates within epochs)')
 
 
 def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   """Raises ValueError with a fix-it message for any inconsistent setting."""
   def fail(msg):
     raise ValueError(f'Bad config: {msg}')
+
+  _check_counts(config, fail)
 
   if config.dataset.name not in KNOWN_DATASETS:
     fail(f'dataset.name={config.dataset.name!r}; known: {KNOWN_DATASETS}')
@@ -188,7 +253,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
            f'{config.dataset.num_classes} is odd')
   for key in ('global_batch_size', 'eval_batch_size'):
     b = config[key]
-    if b <= 0 or b % num_devices:
+    if b % num_devices:
       fail(f'{key}={b} is not divisible by the {num_devices} devices in use; '
            f'pick a multiple of {num_devices} (e.g. --config.{key}='
            f'{max(num_devices, b - b % num_devices)}) or set --config.num_devices')
@@ -208,10 +273,48 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
   if d.name == 'imagenet2012' and d.resize_size < d.image_size:
     fail(f'dataset.resize_size={d.resize_size} is smaller than the '
          f'dataset.image_size={d.image_size} crops taken from it')
-  if config.num_epochs <= 0:
-    fail(f'num_epochs={config.num_epochs} must be positive')
   if config.schedule.base_lr <= 0:
     fail(f'schedule.base_lr={config.schedule.base_lr} must be positive')
+
+
+# Keys a resumed run may change: none of them changes what is computed, only
+# when and how much is logged, evaluated, saved or run, and where files are.
+# `num_epochs` may change unless the schedule's shape depends on it.
+RESUMABLE_KEYS = frozenset((
+    'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
+    'progress_bar', 'max_train_steps', 'max_eval_batches', 'eval_batch_size', 'num_devices',
+    'model_parallel', 'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_dir',
+    'dataset.cache', 'dataset.num_parallel_calls', 'dataset.eval_crops',
+    'dataset.interim_eval_crops'))
+EPOCH_SHAPED_SCHEDULES = ('one_cycle',)
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for k, v in tree.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f'{prefix}{k}.'))
+    else:
+      out[f'{prefix}{k}'] = v
+  return out
+
+
+def resume_changes(saved: dict, new: dict) -> tuple[list, list]:
+  """(changes that alter the computation, changes that do not), each [(key, saved, new)].
+
+  `saved` and `new` are configs as JSON dicts (config.json of the workdir, and
+  the config of this run).
+  """
+  a, b = _flat(saved), _flat(new)
+  changes = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
+  free = set(RESUMABLE_KEYS)
+  if b.get('schedule.name') not in EPOCH_SHAPED_SCHEDULES:
+    free.add('num_epochs')
+  return ([c for c in changes if c[0] not in free], [c for c in changes if c[0] in free])
+
+
+def format_changes(changes: list) -> str:
+  return '\n'.join(f'  {k}: {old!r} (saved) -> {new!r} (now)' for k, old, new in changes)
 
 
 @contextlib.contextmanager
@@ -221,6 +324,8 @@ def unknown_keys_exit():
   ml_collections raises a KeyError for it deep inside flag parsing (or when a
   config flag with a default file is defined); absl itself reports only bad
   values. The line names the key and the nearest known one; the status is 2.
+  A config file that ml_collections cannot compile (a default file, or one
+  that `parse_flags` did not see) also ends in one line, naming it.
   """
   try:
     yield
@@ -234,10 +339,45 @@ def unknown_keys_exit():
           f'{". " + hint if hint else ""} (the keys are listed in '
           f'alexnet_jax/config_lib.py).', file=sys.stderr)
     sys.exit(2)
+  except SyntaxError as e:
+    print(f'FATAL Flags parsing error: cannot load config file {e.filename} line '
+          f'{e.lineno}: {e.msg}', file=sys.stderr)
+    sys.exit(2)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`."""
-  from absl import app  # pylint: disable=g-import-not-at-top
+  """absl's flag parsing, for `app.run(main, flags_parser=parse_flags)`.
+
+  Each config file named on the command line (`--config=FILE`, also inside a
+  --flagfile) is loaded with `load_file` first: one that is missing or does
+  not load ends the process with one line that names it, status 2, where
+  ml_collections would print a traceback (or, for a missing file, fail only
+  where the config is first used).
+  """
+  # pylint: disable=g-import-not-at-top
+  from absl import app
+  from absl import flags
+  from ml_collections.config_flags import config_flags  # the module: its parser class
+  names = {name for name in flags.FLAGS
+           if isinstance(flags.FLAGS[name].parser, config_flags.ConfigFileFlagParser)}
+  try:
+    args = flags.FLAGS.read_flags_from_files(argv[1:], force_gnu=False) if names else []
+  except flags.Error:
+    args = []  # a missing --flagfile: absl reports it below
+  args = iter(args)
+  for arg in args:
+    if arg == '--':
+      break
+    name, equals, value = arg.lstrip('-').partition('=')
+    if not arg.startswith('-') or name not in names:
+      continue
+    if not equals:
+      value = next(args, None)
+    if value:
+      try:
+        load_file(value)
+      except (FileNotFoundError, ValueError) as e:
+        print(f'FATAL Flags parsing error: {e}', file=sys.stderr)
+        sys.exit(2)
   with unknown_keys_exit():
     return app.parse_flags_with_usage(argv)

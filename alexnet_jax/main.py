@@ -10,11 +10,11 @@ with --coordinator_address, --num_processes and --process_id on every host.
 """
 
 import os
-import sys
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # before TensorFlow loads
 
 from alexnet_jax import backend  # pylint: disable=g-import-not-at-top
+from alexnet_jax import cli  # pylint: disable=g-import-not-at-top
 from alexnet_jax import config_lib  # pylint: disable=g-import-not-at-top
 
 backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
@@ -37,6 +37,10 @@ with config_lib.unknown_keys_exit():  # overrides of the default apply here
       'config', DEFAULT_CONFIG, 'Config file (configs/*.py).', lock_config=True)
 flags.DEFINE_string('workdir', None,
                     'Run folder: checkpoints, metrics, results. Default runs/<config name>.')
+flags.DEFINE_bool('allow_config_change', False,
+                  'Resume a workdir even though the config differs from the saved one in '
+                  'settings that change the computation (model, data, optimiser, schedule, '
+                  'batch, seed, dtype, conv_impl); the saved config is kept as config.N.json.')
 # Multi-process runs (alexnet_jax/distributed.py); under SLURM none is needed.
 flags.DEFINE_string('coordinator_address', None,
                     'HOST:PORT of process 0 in a multi-process run '
@@ -58,16 +62,14 @@ def main(argv):
       'runs', os.path.splitext(os.path.basename(config_flags.get_config_filename(
           flags.FLAGS['config'])))[0])
   logging.info('workdir: %s', os.path.abspath(workdir))
-  try:
-    # Before anything touches a device: the processes must meet first.
-    distributed.initialize(distributed.resolve(
-        flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-        flags.FLAGS.process_id))
-    results = train.train_and_evaluate(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
-    # Known failure modes carry a message that says what to do.
-    print(f'\nError: {e}', file=sys.stderr)
-    sys.exit(1)
+  cli.check_workdir(workdir)
+  # Before anything touches a device: the processes must meet first. Errors
+  # end in one line on stderr (cli.run).
+  distributed.initialize(distributed.resolve(
+      flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+      flags.FLAGS.process_id))
+  results = train.train_and_evaluate(config, workdir,
+                                     allow_config_change=flags.FLAGS.allow_config_change)
   summary = {k: results[k] for k in ('step', 'eval_top1_error', 'eval_top5_error',
                                      'eval_examples', 'wall_time_sec')
              if k in results}
@@ -77,4 +79,4 @@ def main(argv):
 
 if __name__ == '__main__':
   backend.configure_process(restart_module='alexnet_jax.main')  # malloc settings on the CPU
-  app.run(main, flags_parser=config_lib.parse_flags)
+  cli.run(main)

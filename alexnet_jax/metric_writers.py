@@ -9,15 +9,23 @@ import tqdm
 
 
 class MetricWriter:
-  """Appends `{"step": s, ...}` lines to metrics.jsonl and TensorBoard events."""
+  """Appends `{"step": s, ...}` lines to metrics.jsonl and TensorBoard events.
 
-  def __init__(self, workdir: str, enabled: bool = True):
+  after_step: the step a resumed run restarts from. Lines of later steps,
+  written by the interrupted run after its last checkpoint, are dropped first,
+  so that the file never holds a step twice.
+  """
+
+  def __init__(self, workdir: str, enabled: bool = True, after_step: int | None = None):
     self.enabled = enabled
     if not enabled:
       return
     import tensorflow as tf  # pylint: disable=g-import-not-at-top
     self._tf = tf
-    self._jsonl = open(os.path.join(workdir, 'metrics.jsonl'), 'a')
+    path = os.path.join(workdir, 'metrics.jsonl')
+    if after_step is not None and os.path.exists(path):
+      _drop_after(path, after_step)
+    self._jsonl = open(path, 'a')
     self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
 
   def write(self, step: int, metrics: dict) -> None:
@@ -36,6 +44,23 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _drop_after(path: str, step: int) -> None:
+  """Rewrites metrics.jsonl without its lines beyond `step` (atomically)."""
+  with open(path) as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)['step'] <= step:
+        keep.append(line if line.endswith('\n') else line + '\n')
+    except (ValueError, KeyError, TypeError):
+      pass  # a line cut short by a crash
+  if len(keep) != len(lines):
+    with open(path + '.tmp', 'w') as f:
+      f.writelines(keep)
+    os.replace(path + '.tmp', path)
 
 
 def _plain(v):

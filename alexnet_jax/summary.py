@@ -29,7 +29,7 @@ from ml_collections import config_flags
 import jax
 import jax.numpy as jnp
 
-from alexnet_jax import config_lib
+from alexnet_jax import cli
 from alexnet_jax import model as model_lib
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
@@ -160,4 +160,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  cli.run(main)

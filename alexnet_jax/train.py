@@ -10,6 +10,7 @@ and process 0 alone writes the outputs.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -25,6 +26,7 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
+from jax.experimental import multihost_utils
 
 from alexnet_jax import backend
 from alexnet_jax import checkpointing
@@ -34,6 +36,7 @@ from alexnet_jax import metric_writers
 from alexnet_jax import model as model_lib
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import workdir as workdir_lib
 
 AXIS = parallel.AXIS
 
@@ -308,21 +311,88 @@ def _host_metrics(history: list[dict]) -> dict[str, float]:
   return {k: float(np.mean([m[k][0] for m in stacked])) for k in stacked[0]}
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+@contextlib.contextmanager
+def hold_workdir(workdir: str):
+  """The workdir's lock for the block, taken by process 0 for every process of the run.
+
+  The other processes wait for process 0's verdict, and stop with it if the
+  workdir is busy.
+  """
+  lock = workdir_lib.WorkdirLock(workdir)
+  error = None
+  if jax.process_index() == 0:
+    try:
+      lock.acquire()
+    except workdir_lib.WorkdirBusyError as e:
+      error = e
+  if jax.process_count() > 1:
+    held = int(multihost_utils.broadcast_one_to_all(np.int32(error is None)))
+    if not held and error is None:
+      error = workdir_lib.WorkdirBusyError(
+          f'{workdir} is in use by another run (process 0 could not lock it); wait for '
+          'it to end, or pass another --workdir')
+  if error is not None:
+    raise error
+  try:
+    yield
+  finally:
+    lock.release()
+
+
+def check_resume_config(config, workdir: str, allow_change: bool) -> None:
+  """Refuses to resume a run with settings that change its computation.
+
+  Settings that do not (logging, evaluation, checkpoint cadence, length) are
+  allowed and printed; `write_config` keeps the saved config as config.N.json.
+  """
+  saved = checkpointing.read_json(os.path.join(workdir, 'config.json'))
+  if saved is None:
+    return
+  blocking, free = config_lib.resume_changes(saved, json.loads(config.to_json_best_effort()))
+  if blocking and not allow_change:
+    raise ValueError(
+        f'Bad config: {workdir} holds a run whose config differs in settings that change '
+        f'the computation:\n{config_lib.format_changes(blocking)}\nRe-run with the saved '
+        f'values ({os.path.join(workdir, "config.json")}), pass another --workdir, or pass '
+        '--allow_config_change to resume with the new values.')
+  if (blocking or free) and jax.process_index() == 0:
+    print('Resuming with changed settings (the saved config is kept as config.N.json):\n'
+          + config_lib.format_changes(blocking + free))
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_config_change: bool = False) -> dict:
   """Trains, evaluates and checkpoints in `workdir`; re-running resumes.
 
   Returns the final results (also written to `workdir/results.json`), or the
   partial results with `'stopped_by'` set when a signal ended the run early.
+  The workdir is locked for the run. A resumed run must have the saved
+  config's settings wherever they change the computation, unless
+  `allow_config_change`.
   """
   devices = select_devices(config)  # this process's: they take its data
   num_devices = len(devices)
   all_devices = global_devices(num_devices)  # what the pmaps span
   config_lib.validate(config, len(all_devices))
   ops = backend.select_ops(config.conv_impl, config.dtype)
+  os.makedirs(workdir, exist_ok=True)
+  with hold_workdir(workdir):
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
+                                      keep=config.keep_checkpoints)
+    try:
+      if ckpt.latest_step() is not None:
+        check_resume_config(config, workdir, allow_config_change)
+      return _train(config, workdir, devices, all_devices, ops, ckpt)
+    finally:
+      ckpt.close()
+
+
+def _train(config, workdir: str, devices: list, all_devices: list, ops,
+           ckpt: checkpointing.Checkpointer) -> dict:
+  """The body of `train_and_evaluate`, with the workdir held."""
+  num_devices = len(devices)
   local_batch = config.global_batch_size // jax.process_count()
   eval_local_batch = config.eval_batch_size // jax.process_count()
-  os.makedirs(workdir, exist_ok=True)
-
   data = data_lib.create_data(config, local_batch=local_batch,
                               eval_local_batch=eval_local_batch)
   steps_per_epoch = data.steps_per_epoch
@@ -338,8 +408,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       steps_per_epoch, config.num_epochs * steps_per_epoch)
   state = create_train_state(config, model, tx)
 
-  ckpt = checkpointing.Checkpointer(os.path.join(workdir, 'checkpoints'),
-                                    keep=config.keep_checkpoints)
   restored = ckpt.restore_latest(state)
   host_state = {}
   if restored is not None:
@@ -359,7 +427,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if results:
       return results
 
-  writer = metric_writers.MetricWriter(workdir, enabled=chief)
+  writer = metric_writers.MetricWriter(workdir, enabled=chief, after_step=start_step)
   if config.model_parallel == 2 and num_devices % 2:
     raise ValueError(
         f'Bad config: model_parallel=2 with {num_devices} device(s) per process; '
@@ -420,7 +488,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       progress.update(step)
       stopped_by = agree_to_stop(stop.received)
 
-      if step % config.log_every_steps == 0 or step == total_steps:
+      # On a stop signal the steps since the last log are logged before the save.
+      if step % config.log_every_steps == 0 or step == total_steps or stopped_by:
         summary = _host_metrics(history)
         history = []
         if not np.isfinite(summary['train_loss']):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import os
 
 from alexnet_jax import backend
-from alexnet_jax import config_lib
+from alexnet_jax import cli
 
 backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
 
@@ -287,4 +287,4 @@ def main(argv):
 if __name__ == '__main__':
   backend.configure_process(restart_module='benchmarks.conv_layers')  # malloc settings
   define_flags()
-  app.run(main, flags_parser=config_lib.parse_flags)
+  cli.run(main)

@@ -51,6 +51,7 @@ import skimage.data
 from sklearn.datasets import load_sample_images
 import tensorflow as tf
 
+from alexnet_jax import cli
 from alexnet_jax import config_lib
 from alexnet_jax.data import imagenet
 from alexnet_jax.data import imagenet_squares
@@ -262,4 +263,4 @@ def main(argv):
 
 if __name__ == '__main__':
   define_flags()
-  app.run(main)
+  cli.run(main)

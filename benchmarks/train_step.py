@@ -51,6 +51,7 @@ import os
 import sys
 
 from alexnet_jax import backend
+from alexnet_jax import cli
 from alexnet_jax import config_lib
 
 backend.configure_process()  # XLA reads XLA_FLAGS once, before a backend starts
@@ -670,4 +671,4 @@ def main(argv):
 if __name__ == '__main__':
   # malloc settings on the CPU: see alexnet_jax/cpu/xla_flags.py, "Memory"
   backend.configure_process(restart_module='benchmarks.train_step')
-  app.run(main, flags_parser=config_lib.parse_flags)
+  cli.run(main)

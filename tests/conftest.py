@@ -33,6 +33,17 @@ def make_model(config):
   return model_lib.create_model(config, backend.select_ops(config.conv_impl, config.dtype))
 
 
+def set_keys(config, overrides: dict):
+  """`config` with each dotted key of `overrides` set, as `--config.a.b=v` would."""
+  for key, value in overrides.items():
+    *parents, name = key.split('.')
+    node = config
+    for p in parents:
+      node = node[p]
+    node[name] = value
+  return config
+
+
 def tiny_fashion_config():
   """The demo config shrunk to a network that trains in seconds."""
   config = load_config('fashion_mnist')

@@ -181,6 +181,9 @@ def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path):
   assert 15 <= stopped_at < 60
   assert checkpointing.Checkpointer(str(interrupted / 'checkpoints')).latest_step() == stopped_at
   assert not (interrupted / 'results.json').exists()
+  # The training metrics since the last log were written before the stop.
+  logged = [json.loads(l) for l in open(metrics)]
+  assert [r['step'] for r in logged if 'train_loss' in r][-1] == stopped_at
 
   out2 = subprocess.run(_main_cmd(interrupted, steps), cwd=REPO, env=_env(),
                         capture_output=True, text=True, timeout=300)
@@ -195,6 +198,8 @@ def test_sigterm_saves_and_rerun_resumes_to_the_same_result(tmp_path):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
   results = json.load(open(interrupted / 'results.json'))
   assert results['step'] == 60
+  steps = [json.loads(l)['step'] for l in open(metrics) if 'train_loss' in l]
+  assert steps == sorted(set(steps)) and steps[-1] == 60  # each step once
 
 
 def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
@@ -203,9 +208,15 @@ def test_incompatible_checkpoint_is_refused_and_kept(tmp_path):
   assert run.returncode == 0, run.stderr
   before = sorted(os.listdir(tmp_path / 'checkpoints'))
   config_before = open(tmp_path / 'config.json').read()
-  run = subprocess.run(_main_cmd(tmp_path, '--config.max_train_steps=20',
-                                 '--config.model.kernel_sizes=(5,5,3,3,5)'),
-                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300)
+  changed = _main_cmd(tmp_path, '--config.max_train_steps=20',
+                      '--config.model.kernel_sizes=(5,5,3,3,5)')
+  run = subprocess.run(changed, cwd=REPO, env=_env(), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 1
+  assert '  model.kernel_sizes: [5, 5, 3, 3, 3] (saved) -> [5, 5, 3, 3, 5] (now)' in run.stderr
+  # Forced, the checkpoint itself is found to be of another model.
+  run = subprocess.run(changed + ['--allow_config_change'], cwd=REPO, env=_env(),
+                       capture_output=True, text=True, timeout=300)
   assert run.returncode == 1
   assert 'holds a checkpoint (step 10) of a different model' in run.stderr
   assert 'params/conv5/kernel: checkpoint (3, 3, 8, 8) vs model (5, 5, 8, 8)' in run.stderr, run.stderr[-3000:]

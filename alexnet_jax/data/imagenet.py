@@ -33,6 +33,7 @@ import dataclasses
 import math
 import os
 import sys
+import tarfile
 from typing import Iterator
 
 from absl import logging
@@ -52,6 +53,10 @@ _AUTOTUNE = tf.data.AUTOTUNE
 
 
 # ---------------------------------------------------------------- the builder
+
+
+class ArchiveError(ValueError):
+  """An ImageNet archive is empty, unreadable or damaged; the message names it."""
 
 
 def default_manual_dir(builder: tfds.core.DatasetBuilder) -> str:
@@ -91,10 +96,71 @@ def prepare_original(config) -> tfds.core.DatasetBuilder:
         f'both in\n  {manual_dir}\n(or point --config.dataset.manual_dir at their '
         'folder). The next run prepares the dataset once: about 150 GB more on '
         'disk and several hours, even on a fast disk.')
-  # try_download_gcs=False: ImageNet is never hosted prepared; don't probe GCS.
-  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-      manual_dir=manual_dir, try_download_gcs=False))
+  check_archives(manual_dir)
+  try:
+    # try_download_gcs=False: ImageNet is never hosted prepared; don't probe GCS.
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+        manual_dir=manual_dir, try_download_gcs=False))
+  except (tarfile.TarError, EOFError) as e:  # tfds' own message names no file
+    paths = _archives_in_traceback(e) or [
+        os.path.join(manual_dir, f) for f in (TRAIN_TAR, VAL_TAR)]
+    raise ArchiveError(
+        f'{" or ".join(paths)} is damaged or incomplete (preparing imagenet2012 failed '
+        f'with {type(e).__name__}: {e}; {TRAIN_TAR} is 138 GB, {VAL_TAR} 6.3 GB): '
+        'copy it again') from e
   return builder
+
+
+def check_archives(manual_dir: str) -> None:
+  """Raises ArchiveError unless the ILSVRC-2012 archives in `manual_dir` are readable tars.
+
+  Cheap (a size and the first header of each), so that an empty or cut
+  archive is named before tfds fails on it, deep inside preparation, with a
+  message that does not say which file it read.
+  """
+  problems = []
+  for name in (TRAIN_TAR, VAL_TAR):
+    path = os.path.join(manual_dir, name)
+    if not tf.io.gfile.exists(path):
+      continue
+    try:
+      if tf.io.gfile.stat(path).length == 0:
+        problems.append(f'{path} is empty (0 bytes)')
+        continue
+      with tf.io.gfile.GFile(path, 'rb') as f:
+        if not tarfile.is_tarfile(f):
+          problems.append(f'{path} is not a tar archive')
+    except (OSError, tf.errors.OpError) as e:
+      reason = getattr(e, 'strerror', None) or getattr(e, 'message', None) or str(e)
+      problems.append(f'{path} cannot be read ({reason})')
+  if problems:
+    again = 'copy the archive again' if len(problems) == 1 else 'copy the archives again'
+    raise ArchiveError(f'{"; ".join(problems)}: {again} (from '
+                       'https://image-net.org/download-images)')
+
+
+def _archives_in_traceback(error: BaseException) -> list[str]:
+  """The ILSVRC-2012 archives that the frames of `error`'s traceback were reading.
+
+  A path among the frames' variables, or the `name` of a file object among
+  them (tfds' tar members name the archive they are read from).
+  """
+  found = []
+  tb = error.__traceback__
+  while tb is not None:
+    for value in tb.tb_frame.f_locals.values():
+      try:
+        named = getattr(value, 'name', None)
+      except Exception:  # pylint: disable=broad-except
+        named = None
+      for candidate in (value, named):
+        if isinstance(candidate, (str, os.PathLike)):
+          path = os.fspath(candidate)
+          if (isinstance(path, str) and os.path.basename(path) in (TRAIN_TAR, VAL_TAR)
+              and path not in found):
+            found.append(path)
+    tb = tb.tb_next
+  return found
 
 
 # ---------------------------------------------------------------- statistics

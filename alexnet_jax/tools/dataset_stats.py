@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -27,7 +26,7 @@ import numpy as np
 import tensorflow as tf
 import tqdm
 
-from alexnet_jax import config_lib
+from alexnet_jax import cli
 from alexnet_jax import data
 from alexnet_jax.data import imagenet
 
@@ -111,12 +110,9 @@ def main(argv):
     raise app.UsageError('--config is required, e.g. --config=configs/paper.py')
   if config.dataset.name != 'imagenet2012':
     raise app.UsageError(f'dataset_stats serves imagenet2012, not {config.dataset.name}')
-  try:
-    path, stats = write_stats(config, max_examples=flags.FLAGS.max_examples,
-                              batch_size=flags.FLAGS.batch_size)
-  except (ValueError, FileNotFoundError) as e:
-    print(f'\nError: {e}', file=sys.stderr)
-    sys.exit(1)
+  # An error (missing data, unreadable archives) ends in one line (cli.run).
+  path, stats = write_stats(config, max_examples=flags.FLAGS.max_examples,
+                            batch_size=flags.FLAGS.batch_size)
   print(f'Wrote {path}: {int(stats["num_images"])} images '
         f'({int(stats["num_unreadable"])} unreadable, skipped); '
         f'mean RGB {np.round(stats["mean_rgb"], 2).tolist()}, '
@@ -124,4 +120,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=config_lib.parse_flags)
+  cli.run(main)
