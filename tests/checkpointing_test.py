@@ -117,6 +117,16 @@ def _digest_tree(folder):
   return out
 
 
+def _restore(directory, template):
+  """(restored state, host state, what was moved aside) of a fresh Checkpointer on `directory`."""
+  ckpt = checkpointing.Checkpointer(str(directory))
+  try:
+    restored, host = ckpt.restore_latest(template)
+  finally:
+    ckpt.close()
+  return restored, host, ckpt.moved_aside
+
+
 def _warnings(caplog):
   return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
@@ -171,9 +181,7 @@ def test_damaged_bytes_are_moved_aside_and_the_previous_checkpoint_restores(
   # The run goes on: step 2 is saved again and restores.
   ckpt.save(two, HOST2)
   ckpt.close()
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
-  restored, host = ckpt.restore_latest(zeros)
-  ckpt.close()
+  restored, host, _ = _restore(tmp_path / 'checkpoints', zeros)
   _assert_same_state(restored, two)
   assert host == HOST2
 
@@ -198,11 +206,9 @@ def test_missing_item_metadata_falls_back(tmp_path, states):
   zeros, one, _ = states
   _save_two(tmp_path / 'checkpoints', states)
   os.remove(tmp_path / 'checkpoints' / '2' / 'state' / '_METADATA')
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
-  restored, _ = ckpt.restore_latest(zeros)
-  ckpt.close()
+  restored, _, moved = _restore(tmp_path / 'checkpoints', zeros)
   _assert_same_state(restored, one)
-  assert [s for s, _, _ in ckpt.moved_aside] == [2]
+  assert [s for s, _, _ in moved] == [2]
 
 
 def test_damaged_host_state_is_caught_by_the_checksum(tmp_path, states):
@@ -212,11 +218,9 @@ def test_damaged_host_state_is_caught_by_the_checksum(tmp_path, states):
   host = json.loads(path.read_text())
   host['elapsed_sec'] = 31.0  # still valid JSON
   path.write_text(json.dumps(host))
-  ckpt = checkpointing.Checkpointer(str(tmp_path / 'checkpoints'))
-  restored, _ = ckpt.restore_latest(zeros)
-  ckpt.close()
+  restored, _, moved = _restore(tmp_path / 'checkpoints', zeros)
   _assert_same_state(restored, one)
-  [(_, _, problem)] = ckpt.moved_aside
+  [(_, _, problem)] = moved
   assert 'differ: host state' in problem
 
 
