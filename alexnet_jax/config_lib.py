@@ -38,6 +38,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset.random_flip = True
   c.dataset.mean = (0.485 * 255, 0.456 * 255, 0.406 * 255)
   c.dataset.std = (1.0, 1.0, 1.0)  # the paper only subtracts the mean
+  # Order of the colour channels the network sees: 'rgb', or 'bgr' for
+  # networks trained in Caffe (alexnet_jax/tools/import_weights.py).
+  c.dataset.channel_order = 'rgb'
   c.dataset.num_parallel_calls = -1  # tf.data.AUTOTUNE
   # ImageNet preprocessing (sections 2 and 4.1 of the paper).
   c.dataset.resize_size = 256  # shorter side -> 256, then the central 256x256
@@ -89,6 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.lrn.beta = 0.75
   # False: alpha as printed in the paper. True: alpha / size (Caffe, PyTorch).
   c.model.lrn.alpha_over_size = False
+  # False: each tower normalises over its own maps (the paper's two GPUs).
+  # True: the windows span all maps of the layer (Caffe's bvlc_alexnet).
+  c.model.lrn.across_towers = False
   c.dtype = 'float32'  # compute dtype; params and optimiser state stay float32
   # Implementation of the network's operations (alexnet_jax/backend.py):
   # 'auto' runs the CPU kernels (alexnet_jax/cpu) on the CPU when they can be
@@ -97,6 +103,10 @@ def base_config() -> ml_collections.ConfigDict:
   # 'winograd' is 'onednn' with oneDNN's Winograd kernels for the float32 3x3
   # stride-1 layers (faster on the CPU; rounding differs).
   c.conv_impl = 'auto'
+  # True: XLA's deterministic-ops flag on GPUs, set before JAX loads
+  # (alexnet_jax/backend.py), so that a run repeats bit for bit there too;
+  # slower on GPUs. The CPU is deterministic either way.
+  c.deterministic = False
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.name = 'paper_momentum'
@@ -266,6 +276,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
     fail(f"dataset.interim_eval_crops={d.interim_eval_crops!r}; use '', 'ten' or 'center'")
   if not 1 <= d.prescaled_quality <= 100:
     fail(f'dataset.prescaled_quality={d.prescaled_quality} must be in [1, 100]')
+  if d.channel_order not in ('rgb', 'bgr'):
+    fail(f"dataset.channel_order={d.channel_order!r}; use 'rgb' or 'bgr'")
+  if m.lrn.across_towers and config.model_parallel == 2:
+    fail('model.lrn.across_towers=True normalises across the towers, which '
+         'model_parallel=2 puts on different devices: use model_parallel=1')
   if d.pca_std < 0:
     fail(f'dataset.pca_std={d.pca_std} must be >= 0')
   if len(d.pca_eigval) != 3 or [len(r) for r in d.pca_eigvec] != [3, 3, 3]:
@@ -282,7 +297,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
 # `num_epochs` may change unless the schedule's shape depends on it.
 RESUMABLE_KEYS = frozenset((
     'log_every_steps', 'eval_every_epochs', 'checkpoint_every_steps', 'keep_checkpoints',
-    'progress_bar', 'max_train_steps', 'max_eval_batches', 'eval_batch_size', 'num_devices',
+    'progress_bar', 'deterministic', 'max_train_steps', 'max_eval_batches',
+    'eval_batch_size', 'num_devices',
     'model_parallel', 'dataset.data_dir', 'dataset.manual_dir', 'dataset.stats_dir',
     'dataset.cache', 'dataset.num_parallel_calls', 'dataset.eval_crops',
     'dataset.interim_eval_crops'))
