@@ -16,6 +16,7 @@ config.conv_impl:
 from __future__ import annotations
 
 import functools
+import os
 
 from absl import logging
 import jax
@@ -39,6 +40,34 @@ def configure_process(restart_module: str | None = None) -> None:
   xla_flags.set_cpu_defaults()
   if restart_module:
     xla_flags.restart_with_malloc_defaults(restart_module)
+
+
+DETERMINISM_FLAG = '--xla_gpu_deterministic_ops=true'
+
+
+def set_deterministic(enabled: bool) -> None:
+  """`config.deterministic`: XLA's deterministic-ops flag, for GPUs.
+
+  XLA reads XLA_FLAGS when JAX opens its first backend, so the entry points
+  call this after parsing the config and before anything touches a device.
+  The flag makes XLA:GPU pick reproducible reductions and refuse ops it has no
+  deterministic kernel for; the max-pool backward of `ops.max_pool` is
+  written without `select_and_scatter` (one of those), so the flag can be
+  used with the paper's overlapping pooling. The CPU is deterministic anyway.
+  """
+  if not enabled:
+    return
+  flags = os.environ.get('XLA_FLAGS', '')
+  name = DETERMINISM_FLAG.split('=')[0]
+  if name in flags:
+    return
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  if not xla_bridge.backends_are_initialized():
+    os.environ['XLA_FLAGS'] = f'{flags} {DETERMINISM_FLAG}'.strip()
+  elif jax.default_backend() == 'gpu':
+    raise ValueError(f'Bad config: deterministic=True needs XLA_FLAGS={DETERMINISM_FLAG} '
+                     'before JAX starts its backend: run through python -m alexnet_jax.main, '
+                     'or set XLA_FLAGS yourself')
 
 
 @functools.cache

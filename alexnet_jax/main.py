@@ -63,6 +63,7 @@ def main(argv):
           flags.FLAGS['config'])))[0])
   logging.info('workdir: %s', os.path.abspath(workdir))
   cli.check_workdir(workdir)
+  backend.set_deterministic(config.deterministic)  # before JAX opens a backend
   # Before anything touches a device: the processes must meet first. Errors
   # end in one line on stderr (cli.run).
   distributed.initialize(distributed.resolve(

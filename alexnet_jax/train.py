@@ -36,6 +36,7 @@ from alexnet_jax import metric_writers
 from alexnet_jax import model as model_lib
 from alexnet_jax import optim
 from alexnet_jax import parallel
+from alexnet_jax import provenance
 from alexnet_jax import workdir as workdir_lib
 
 AXIS = parallel.AXIS
@@ -370,6 +371,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   config's settings wherever they change the computation, unless
   `allow_config_change`.
   """
+  backend.set_deterministic(config.deterministic)
   devices = select_devices(config)  # this process's: they take its data
   num_devices = len(devices)
   all_devices = global_devices(num_devices)  # what the pmaps span
@@ -417,6 +419,8 @@ def _train(config, workdir: str, devices: list, all_devices: list, ops,
     if restored is not None:
       print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
     checkpointing.write_config(config, workdir)
+    ops_info = {k: v for k, v in backend.describe(ops).items() if k != 'onednn_primitives'}
+    provenance.write(workdir, provenance.collect(config, ops_info))
   plateau = Plateau(config.schedule, host_state.get('plateau'))
   prior_elapsed = float(host_state.get('elapsed_sec', 0.0))
   start_step = int(state.step)
