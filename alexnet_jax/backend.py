@@ -103,9 +103,11 @@ def select_ops(conv_impl: str, dtype='float32') -> ops_lib.Ops:
   return cpu_ops.OneDNNOps(winograd=conv_impl == 'winograd')
 
 
-def describe(ops: ops_lib.Ops) -> dict:
-  """Which implementation `ops` is, and for the CPU kernels what oneDNN ran."""
+def describe(ops: ops_lib.Ops, primitives: bool = True) -> dict:
+  """Which implementation `ops` is, and for the CPU kernels what oneDNN ran (`primitives`)."""
   if not isinstance(ops, cpu_ops.OneDNNOps):
     return {'ops': ops.name, 'convolutions': 'xla', 'onednn_missing': cpu_kernels_unavailable()}
-  return {'ops': ops.name, 'convolutions': 'onednn', 'onednn_version': onednn.version(),
-          'onednn_primitives': onednn.describe().splitlines()}
+  info = {'ops': ops.name, 'convolutions': 'onednn', 'onednn_version': onednn.version()}
+  if primitives:
+    info['onednn_primitives'] = onednn.describe().splitlines()
+  return info

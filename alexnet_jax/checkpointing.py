@@ -452,6 +452,22 @@ class Checkpointer:
                            template, state)
       return state, restored['host']
 
+  def read_newest_intact(self) -> tuple[int | None, dict | None, list[tuple[int, str]]]:
+    """(step, {'state': state dict, 'host': host state}, skipped) of the newest intact checkpoint.
+
+    For tools that inspect a finished run: needs no template and changes
+    nothing, so a checkpoint that fails to read or verify is only listed in
+    `skipped` as (step, what is wrong), never moved aside. (None, None,
+    skipped) when no checkpoint is intact.
+    """
+    skipped = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      restored, problem = self._read(step)
+      if problem is None:
+        return step, restored, skipped
+      skipped.append((step, problem))
+    return None, None, skipped
+
   def _read(self, step: int) -> tuple[dict | None, str | None]:
     """The checkpoint of `step` read and verified, or (None, what is wrong with it)."""
     try:

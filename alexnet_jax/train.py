@@ -419,8 +419,7 @@ def _train(config, workdir: str, devices: list, all_devices: list, ops,
     if restored is not None:
       print(f'Resuming from the checkpoint at step {int(state.step)} in {workdir}')
     checkpointing.write_config(config, workdir)
-    ops_info = {k: v for k, v in backend.describe(ops).items() if k != 'onednn_primitives'}
-    provenance.write(workdir, provenance.collect(config, ops_info))
+    provenance.write(workdir, provenance.collect(config, backend.describe(ops, primitives=False)))
   plateau = Plateau(config.schedule, host_state.get('plateau'))
   prior_elapsed = float(host_state.get('elapsed_sec', 0.0))
   start_step = int(state.step)

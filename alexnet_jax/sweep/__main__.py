@@ -19,6 +19,7 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 
 from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
+from absl import logging
 
 from alexnet_jax import cli
 from alexnet_jax.sweep import compare as compare_lib
@@ -116,6 +117,8 @@ def run_command(sweep_file: str) -> int:
 
 
 def main(argv):
+  if not FLAGS['verbosity'].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax is chatty at INFO
   command, *args = argv[1:] or ['']
   expected = {'run': 1, 'report': 1, 'compare': 2}
   if command not in expected or len(args) != expected[command]:

@@ -273,7 +273,7 @@ def submit_slurm(sweep: hyper.Sweep, runs: list[hyper.Run], devices_per_run: int
   if shutil.which('sbatch') is None:
     raise ValueError('--executor=slurm needs sbatch on PATH: run on a SLURM login node, '
                      'or use --executor=local')
-  folder = os.path.join(sweep.root, 'slurm', '%A_%a')
+  folder = os.path.join(sweep.root, 'slurm', '%j')
   executor = submitit.AutoExecutor(folder=folder, cluster='slurm')
   extra = {key: value for key, value in (('account', options.account), ('qos', options.qos),
                                          ('constraint', options.constraint)) if value}

@@ -1,0 +1,1 @@
+"""Studies: grids of configurations and seeds (hyper, runner), and reading them (report, compare)."""
