@@ -7,8 +7,8 @@ and checkpoints do the rest: re-running a sweep skips finished runs, resumes
 started ones, and a workdir is never trained by two processes at once.
 
 Each run's output goes to ROOT/logs/<name>.log and its state to
-<workdir>/sweep_status.json ('running', 'done' or 'failed', the exit status,
-the log's path), which `sweep report` reads.
+<workdir>/sweep_status.json ('running', 'done', 'stopped' by a signal, or
+'failed'; the exit status, the log's path), which `sweep report` reads.
 
 Local runs get devices of their own: on a GPU machine `devices_per_run`
 GPUs each through CUDA_VISIBLE_DEVICES (runs share a card only with
@@ -93,7 +93,12 @@ def start(cmd: list[str], workdir: str, log: str, executor: str, env=None,
 
 
 def finish(workdir: str, returncode: int) -> str:
-  state = 'done' if returncode == 0 else 'failed'
+  """Records how a run's process ended: 'done', 'stopped' (by a signal, resumable) or 'failed'."""
+  results = hyper.read_json(os.path.join(workdir, 'results.json')) or {}
+  if returncode != 0:
+    state = 'failed'
+  else:
+    state = 'stopped' if 'stopped_by' in results else 'done'
   write_status(workdir, state=state, returncode=returncode, ended=_now())
   return state
 
@@ -169,7 +174,7 @@ def local_slots(parallel: int, devices_per_run: int, share_gpus: bool = False,
 
 def run_local(sweep: hyper.Sweep, runs: list[hyper.Run], slots: list[Slot],
               extra_flags=(), poll_sec: float = 0.5) -> dict[str, str]:
-  """Runs `runs`, len(slots) at a time; returns {name: 'done' | 'failed'}.
+  """Runs `runs`, len(slots) at a time; returns {name: 'done' | 'stopped' | 'failed'}.
 
   A failed run is reported with its log and does not stop the others. On
   Ctrl-C or SIGTERM the running trainers get SIGTERM (they save a checkpoint)
@@ -182,7 +187,7 @@ def run_local(sweep: hyper.Sweep, runs: list[hyper.Run], slots: list[Slot],
   def stop(signum, frame):
     raise KeyboardInterrupt
 
-  previous = signal.signal(signal.SIGTERM, stop)
+  previous = signal.signal(signal.SIGTERM, stop), signal.getsignal(signal.SIGINT)
   try:
     while pending or running:
       while pending and free:
@@ -203,21 +208,30 @@ def run_local(sweep: hyper.Sweep, runs: list[hyper.Run], slots: list[Slot],
         minutes = (time.time() - t0) / 60
         if outcome[name] == 'done':
           print(f'finished {name} in {minutes:.1f} min{results_line(run)}', flush=True)
+        elif outcome[name] == 'stopped':
+          print(f'STOPPED {name} by a signal after {minutes:.1f} min (resumable): see '
+                f'{log_path(sweep, run)}', flush=True)
         else:
           print(f'FAILED {name} (exit status {proc.returncode}) after {minutes:.1f} min: '
                 f'see {log_path(sweep, run)}', flush=True)
   except KeyboardInterrupt:
+    # The trainers save a checkpoint on SIGTERM; a second signal must not cut that short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    print(f'Stopping {len(running)} running runs (they save a checkpoint first)...', flush=True)
     for run, proc, _, _ in running.values():
       proc.send_signal(signal.SIGTERM)
     for run, proc, _, _ in running.values():
       try:
-        proc.wait(timeout=300)
+        proc.wait(timeout=600)
       except subprocess.TimeoutExpired:
         proc.kill()
-      write_status(run.workdir, state='stopped', returncode=proc.returncode, ended=_now())
+        proc.wait()
+      finish(run.workdir, proc.returncode)
     raise
   finally:
-    signal.signal(signal.SIGTERM, previous)
+    signal.signal(signal.SIGTERM, previous[0])
+    signal.signal(signal.SIGINT, previous[1])
   return outcome
 
 
