@@ -247,8 +247,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int) -> None:
       fail(f'model.fc_features[{i}]={f} is not divisible by model.towers={m.towers}')
   if not 0.0 <= m.dropout_rate < 1.0:
     fail(f'model.dropout_rate={m.dropout_rate} must be in [0, 1)')
-  if m.pool_padding not in ('VALID', 'SAME'):
-    fail(f"model.pool_padding={m.pool_padding!r}; use 'VALID' or 'SAME'")
+  if m.pool_padding not in ('VALID', 'SAME', 'CEIL'):  # ops.pool_pads says what each means
+    fail(f"model.pool_padding={m.pool_padding!r}; use 'VALID', 'SAME' or 'CEIL'")
   if m.init not in ('paper', 'he'):
     fail(f"model.init={m.init!r}; use 'paper' or 'he'")
   if config.model_parallel not in (1, 2):
@@ -305,13 +305,17 @@ RESUMABLE_KEYS = frozenset((
 EPOCH_SHAPED_SCHEDULES = ('one_cycle',)
 
 
-def _flat(tree: dict, prefix: str = '') -> dict:
+def flatten(tree, prefix: str = '') -> dict:
+  """Nested dicts (a config as JSON, provenance) as {'a.b.c': leaf}; lists are leaves."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
   out = {}
-  for k, v in tree.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f'{prefix}{k}.'))
+  for key, value in tree.items():
+    name = f'{prefix}.{key}' if prefix else str(key)
+    if isinstance(value, dict) and value:
+      out.update(flatten(value, name))
     else:
-      out[f'{prefix}{k}'] = v
+      out[name] = value
   return out
 
 
@@ -321,7 +325,7 @@ def resume_changes(saved: dict, new: dict) -> tuple[list, list]:
   `saved` and `new` are configs as JSON dicts (config.json of the workdir, and
   the config of this run).
   """
-  a, b = _flat(saved), _flat(new)
+  a, b = flatten(saved), flatten(new)
   changes = [(k, a.get(k), b.get(k)) for k in sorted(a.keys() | b.keys()) if a.get(k) != b.get(k)]
   free = set(RESUMABLE_KEYS)
   if b.get('schedule.name') not in EPOCH_SHAPED_SCHEDULES:

@@ -113,6 +113,10 @@ class AlexNet(nn.Module):
   conv1_padding: int = 0
   pool: ops_lib.Pool = ops_lib.Pool(window=3, stride=2)
   lrn: ops_lib.LRN | None = ops_lib.LRN(size=5, k=2.0, alpha=1e-4, beta=0.75)
+  # False: each tower normalises over its own maps (the paper's GPUs). True:
+  # the LRN windows span all maps of the layer, as in Caffe's bvlc_alexnet,
+  # whose LRN layers see the concatenated output of both groups.
+  lrn_across_towers: bool = False
   fc_features: Sequence[int] = (4096, 4096)
   dropout_rate: float = 0.5
   weight_init: str = 'paper'  # see `kernel_init`
@@ -127,8 +131,12 @@ class AlexNet(nn.Module):
     init = kernel_init(self.weight_init, self.init_std)
     towers = self.towers // self.split  # towers on this device
     width = lambda n: n // self.split   # units of a layer on this device
+    if self.lrn_across_towers and self.split > 1:
+      raise ValueError('lrn_across_towers normalises across the towers, which a split '
+                       'network holds on different devices: use split=1')
+    lrn_blocks = 1 if self.lrn_across_towers else towers  # channel blocks of the LRN windows
     conv = functools.partial(Conv, kernel_init=init, dtype=self.dtype, ops=self.ops,
-                             towers=towers)
+                             towers=lrn_blocks)
     dense = functools.partial(Dense, kernel_init=init, dtype=self.dtype, ops=self.ops)
     f, k = self.features, self.kernel_sizes
 
@@ -165,6 +173,7 @@ def create_model(config, ops: ops_lib.Ops = ops_lib.REFERENCE) -> AlexNet:
       features=tuple(m.features), kernel_sizes=tuple(m.kernel_sizes),
       conv1_stride=m.conv1_stride, conv1_padding=m.conv1_padding,
       pool=ops_lib.Pool(m.pool_window, m.pool_stride, m.pool_padding),
-      lrn=lrn if m.lrn.enabled else None, fc_features=tuple(m.fc_features),
+      lrn=lrn if m.lrn.enabled else None, lrn_across_towers=m.lrn.across_towers,
+      fc_features=tuple(m.fc_features),
       dropout_rate=m.dropout_rate, weight_init=m.init, init_std=m.init_std,
       dtype=jnp.dtype(config.dtype), ops=ops)

@@ -54,15 +54,31 @@ class Pool:
   """Max pooling over `window` x `window` patches `stride` apart (section 3.4)."""
   window: int = 3
   stride: int = 2
-  padding: str = 'VALID'  # or 'SAME'
+  padding: str = 'VALID'  # or 'SAME', 'CEIL' (see `pool_pads`)
+
+
+POOL_PADDINGS = ('VALID', 'SAME', 'CEIL')
 
 
 def pool_pads(size: int, window: int, stride: int, padding: str) -> tuple[int, int]:
-  """(before, after) pads of one spatial axis for 'VALID' or 'SAME' pooling."""
+  """(before, after) pads of one spatial axis, padded with -inf.
+
+  'VALID': none, floor((size - window) / stride) + 1 outputs. 'SAME': as
+  XLA's, ceil(size / stride) outputs. 'CEIL': none before, and the last window
+  may run past the end, ceil((size - window) / stride) + 1 outputs, but
+  every window starts inside the map: the pooling of Caffe and of PyTorch's
+  `ceil_mode=True`, which networks trained there (bvlc_alexnet) need at
+  sizes where the windows do not tile the map exactly.
+  """
   if padding == 'VALID':
     return 0, 0
+  if padding == 'CEIL':
+    out = -(-max(size - window, 0) // stride) + 1
+    if (out - 1) * stride >= size:
+      out -= 1
+    return 0, max((out - 1) * stride + window - size, 0)
   if padding != 'SAME':
-    raise ValueError(f"padding={padding!r}; use 'VALID' or 'SAME'")
+    raise ValueError(f'padding={padding!r}; use one of {POOL_PADDINGS}')
   total = max((-(-size // stride) - 1) * stride + window - size, 0)
   return total // 2, total - total // 2
 
@@ -194,7 +210,7 @@ def max_pool(x_BHWC: jax.Array, window: int, stride: int,
   XLA's select_and_scatter (see `_max_pool_bwd`).
   """
   pads = [pool_pads(size, window, stride, padding) for size in x_BHWC.shape[1:3]]
-  if padding == 'SAME':
+  if padding != 'VALID':
     x_BHWC = jnp.pad(x_BHWC, [(0, 0)] + pads + [(0, 0)], constant_values=-jnp.inf)
   return _max_pool_valid(x_BHWC, window, stride)
 

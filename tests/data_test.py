@@ -1,7 +1,6 @@
 """alexnet_jax.data: input ops, eagerly and inside tf.data; the IDX reader; determinism."""
 
 import gzip
-import os
 
 import numpy as np
 import pytest

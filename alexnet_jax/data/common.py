@@ -8,7 +8,9 @@ contiguous share (`process_part`). `Data` is what a dataset hands the trainer.
 Also here: the crops of training and testing (`crop_and_flip_batch`,
 `ten_crops`, `padded_ten_crops`, ...), the decoding of a JPEG's central square
 that both `imagenet` and the one-off copy of `imagenet_squares` use
-(`center_square_resize`), and `map_or_flag`, a parallel map that survives
+(`center_square_resize`), the same for an image file of any format
+(`file_square`), the channel order of the network's input
+(`to_channel_order`), and `map_or_flag`, a parallel map that survives
 unreadable images.
 """
 
@@ -83,6 +85,19 @@ def configure_tensorflow() -> None:
 
 def _normalize(image, mean, std):
   return (tf.cast(image, tf.float32) - mean) / std
+
+
+def to_channel_order(image: tf.Tensor, channel_order: str) -> tf.Tensor:
+  """An RGB image (..., 3) in the channel order the network sees: 'rgb' or 'bgr'.
+
+  Networks trained in Caffe read OpenCV's BGR images. One channel (grey) is
+  left as it is.
+  """
+  if channel_order == 'rgb' or image.shape[-1] == 1:
+    return image
+  if channel_order == 'bgr':
+    return tf.reverse(image, [-1])
+  raise ValueError(f"channel_order={channel_order!r}; use 'rgb' or 'bgr'")
 
 
 def crop_and_flip_batch(images_BHWC, seed, *, crop_padding: int, flip: bool,
@@ -189,6 +204,40 @@ def center_square_resize(jpeg: tf.Tensor, size: int) -> tf.Tensor:
   square = _decode_square(jpeg, (shape[0] - side) // 2, (shape[1] - side) // 2,
                           side, size)
   return _rescale(square, size)
+
+
+def center_square_resize_pixels(image_HWC: tf.Tensor, size: int) -> tf.Tensor:
+  """`center_square_resize` of decoded pixels: (size, size, C) float32.
+
+  Without libjpeg's shrink while decoding, a rescale by 2 or more is
+  anti-aliased instead.
+  """
+  shape = tf.shape(image_HWC)
+  side = tf.minimum(shape[0], shape[1])
+  square = tf.image.crop_to_bounding_box(image_HWC, (shape[0] - side) // 2,
+                                         (shape[1] - side) // 2, side, side)
+  return tf.cond(side >= 2 * size,
+                 lambda: tf.image.resize(tf.cast(square, tf.float32), [size, size],
+                                         method='bilinear', antialias=True),
+                 lambda: _rescale(square, size))
+
+
+def file_square(data: tf.Tensor, size: int, channels: int) -> tf.Tensor:
+  """The central square of an image file's bytes rescaled to (size, size, channels) float32.
+
+  A colour JPEG goes through `center_square_resize`, the decoding the ImageNet
+  pipelines apply to their JPEGs; any other file (PNG, GIF, BMP, or a
+  JPEG read as grey) is decoded whole and cropped alike. An image that is
+  already (size, size) keeps its pixels exactly. Eager only (files are read
+  one by one); raises tf.errors.InvalidArgumentError on bytes that are not an
+  image.
+  """
+  if channels == 3 and bool(tf.io.is_jpeg(data)):
+    return center_square_resize(data, size)
+  image = tf.io.decode_image(data, channels=channels, expand_animations=False)
+  if image.shape[0] == size and image.shape[1] == size:
+    return tf.cast(image, tf.float32)
+  return center_square_resize_pixels(image, size)
 
 
 # ---------------------------------------------------------------- tf.data

@@ -14,7 +14,11 @@ seeded by (seed, position in the stream). Resuming at step s therefore
 replays exactly the batches an uninterrupted run would have seen.
 
 Evaluation walks the whole split once, pads the last batch and marks padded
-examples with mask 0, so every example is counted exactly once.
+examples with mask 0, so every example is counted exactly once. Each image
+goes through `eval_input`, which also prepares image files for a trained
+network (`alexnet_jax.inference`: `file_image`, then `eval_input`), and
+`pixels` turns an input back into the stored image. The images are grey:
+`dataset.channel_order` has nothing to reorder.
 """
 
 from __future__ import annotations
@@ -229,26 +233,53 @@ def train_dataset(config, images: np.ndarray, labels: np.ndarray, *,
   return ds.with_options(options).prefetch(4)
 
 
+def eval_input(image_HWC, config, crops: str) -> tf.Tensor:
+  """One stored uint8 image as evaluation feeds it to the network, float32.
+
+  crops='ten': (10, H, W, C), the ten patches of `common.padded_ten_crops`;
+  'center': (H, W, C), the image itself. Normalised by dataset.mean and
+  dataset.std after cropping, so the zero padding is black, as in training.
+  """
+  ds_cfg = config.dataset
+  x = common.padded_ten_crops(image_HWC, ds_cfg.crop_padding) if crops == 'ten' else image_HWC
+  return common._normalize(x, np.asarray(ds_cfg.mean, np.float32),
+                           np.asarray(ds_cfg.std, np.float32))
+
+
+def file_image(data: bytes, config) -> tf.Tensor:
+  """An image file's bytes as a stored image: (size, size, 1) uint8 grey.
+
+  An image of the dataset's size keeps its pixels; any other is converted to
+  grey and its central square rescaled to dataset.image_size. Eager only;
+  raises tf.errors.InvalidArgumentError on bytes that are not an image.
+  """
+  square = common.file_square(tf.constant(data), config.dataset.image_size, channels=1)
+  return tf.cast(tf.clip_by_value(tf.round(square), 0.0, 255.0), tf.uint8)
+
+
+def pixels(inputs: np.ndarray, config) -> np.ndarray:
+  """Centre-crop network inputs (..., H, W, 1) back to the stored uint8 images."""
+  ds_cfg = config.dataset
+  x = inputs * np.asarray(ds_cfg.std, np.float32) + np.asarray(ds_cfg.mean, np.float32)
+  return np.clip(np.round(x), 0, 255).astype(np.uint8)
+
+
 def eval_batches(config, images: np.ndarray, labels: np.ndarray, *,
                  local_batch: int, num_batches: int = 0,
                  crops: str = 'center') -> Iterator[common.Batch]:
   """Every example once, the last batch padded; `mask` is 1 for real examples.
 
   crops='ten': images are (B, 10, H, W, C), the ten patches of
-  `common.padded_ten_crops`; the eval step averages their softmax.
+  `common.padded_ten_crops`; the eval step averages their softmax. Every
+  image goes through `eval_input`.
 
   With `num_batches`, batches of padding only (mask 0) follow up to that
   many, so that processes with different shares take part in the same
   number of cross-device evaluation steps.
   """
-  ds_cfg = config.dataset
-  mean = np.asarray(ds_cfg.mean, np.float32)
-  std = np.asarray(ds_cfg.std, np.float32)
   ds = tf.data.Dataset.from_tensor_slices((images, labels))
-  if crops == 'ten':
-    ds = ds.map(lambda x, y: (common.padded_ten_crops(x, ds_cfg.crop_padding), y))
-  ds = ds.batch(local_batch)
-  ds = ds.map(lambda x, y: (common._normalize(x, mean, std), y)).prefetch(2)
+  ds = ds.map(lambda x, y: (eval_input(x, config, crops), y))
+  ds = ds.batch(local_batch).prefetch(2)
   image_shape = images.shape[1:] if crops != 'ten' else (10,) + images.shape[1:]
   done = 0
   for x, y in ds.as_numpy_iterator():

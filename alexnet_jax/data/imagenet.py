@@ -12,6 +12,20 @@ square (`common.center_square_resize`) and the map that survives unreadable
 images (`common.map_or_flag`) are shared with `imagenet_squares`, which this
 module imports (never the reverse).
 
+The last step of both is `to_network`: the channels are put in
+`dataset.channel_order` and divided by `dataset.std` (the paper's recipe,
+RGB and std 1, leaves the images as they are). Colour orders: images and `dataset.pca_*` are RGB, and
+so is the statistics file unless it says otherwise (a `channel_order`
+entry, as an imported BGR mean image has); `dataset.mean`
+(mean_mode='constant') and `dataset.std` are in the order the network sees,
+so a network trained in Caffe on BGR images takes Caffe's BGR mean as it is.
+`Stats.mean` is always RGB.
+
+Image files (`alexnet_jax.inference`) take the path of evaluation:
+`file_square` (the same central-square rescale for a JPEG), then
+`eval_input`, the function the evaluation pipeline maps over its images;
+`pixels` turns a centre-crop input back into RGB pixels for display.
+
 The raw data is the real `imagenet2012` tfds builder, fed the two archives from
 image-net.org. The mean image and the RGB PCA come from
 `python -m alexnet_jax.tools.dataset_stats` (once per dataset).
@@ -50,6 +64,32 @@ VAL_TAR = 'ILSVRC2012_img_val.tar'
 STATS_COMMAND = 'python -m alexnet_jax.tools.dataset_stats --config=configs/paper.py'
 _RAW_IMAGES = {'image': tfds.decode.SkipDecoding()}
 _AUTOTUNE = tf.data.AUTOTUNE
+
+
+# ---------------------------------------------------------------- class names
+
+NAMES_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'imagenet_names.txt')
+
+
+def synsets() -> list[str]:
+  """The 1000 WordNet ids in class-index order: tfds's `imagenet2012` labels (sorted)."""
+  path = os.fspath(tfds.core.tfds_path('datasets/imagenet2012/labels.txt'))
+  with tf.io.gfile.GFile(path) as f:
+    return f.read().split()
+
+
+def class_names() -> list[str]:
+  """Human-readable names of the 1000 classes in class-index order.
+
+  From `imagenet_names.txt` beside this module (lines `synset<TAB>words`,
+  the words of the ILSVRC-2012 synsets); a synset it does not name keeps its id.
+  """
+  words = {}
+  with open(NAMES_FILE, encoding='utf-8') as f:
+    for line in f:
+      synset, _, name = line.rstrip('\n').partition('\t')
+      words[synset] = name or synset
+  return [words.get(s, s) for s in synsets()]
 
 
 # ---------------------------------------------------------------- the builder
@@ -170,7 +210,8 @@ def _archives_in_traceback(error: BaseException) -> list[str]:
 class Stats:
   """What preprocessing subtracts and the PCA it adds along.
 
-  mean: (R, R, 3) per-pixel mean image or (3,) per-channel mean, 0-255 units.
+  mean: (R, R, 3) per-pixel mean image or (3,) per-channel mean, 0-255 units,
+    RGB.
   eigval: (3,) eigenvalues of the RGB covariance, pixel values in [0, 1].
   eigvec: (3, 3) matching unit eigenvectors as columns.
   """
@@ -185,11 +226,27 @@ def stats_path(config, builder: tfds.core.DatasetBuilder) -> str:
   return os.path.join(folder, f'stats_{config.dataset.resize_size}.npz')
 
 
+def stats_builder(config) -> tfds.core.DatasetBuilder:
+  """The builder whose folder holds the statistics (see `stats_path`), unprepared.
+
+  What `prepare` returns, without preparing anything: for using a trained
+  network on images where the dataset itself may not be.
+  """
+  source = tfds.builder('imagenet2012', data_dir=config.dataset.data_dir or None)
+  if not config.dataset.prescaled:
+    return source
+  return imagenet_squares.Imagenet2012Squares(
+      source=source, size=config.dataset.resize_size,
+      quality=config.dataset.prescaled_quality, data_dir=config.dataset.data_dir or None)
+
+
 def load_stats(config, builder: tfds.core.DatasetBuilder) -> Stats:
   """The configured mean and PCA; raises DataNotFoundError if not computed."""
   ds_cfg = config.dataset
   if ds_cfg.mean_mode == 'constant':
-    return Stats(np.asarray(ds_cfg.mean, np.float32),
+    # dataset.mean is in the network's channel order.
+    mean = np.asarray(ds_cfg.mean, np.float32)
+    return Stats(mean[::-1].copy() if ds_cfg.channel_order == 'bgr' else mean,
                  np.asarray(ds_cfg.pca_eigval, np.float32),
                  np.asarray(ds_cfg.pca_eigvec, np.float32))
   path = stats_path(config, builder)
@@ -204,6 +261,9 @@ def load_stats(config, builder: tfds.core.DatasetBuilder) -> Stats:
   with tf.io.gfile.GFile(path, 'rb') as f:
     data = dict(np.load(f))
   mean = data['mean_image'] if ds_cfg.mean_mode == 'image' else data['mean_rgb']
+  # dataset_stats writes RGB; a file may say otherwise (an imported BGR mean).
+  if str(data.get('channel_order', 'rgb')) == 'bgr':
+    mean = mean[..., ::-1]
   return Stats(mean.astype(np.float32), data['eigval'].astype(np.float32),
                data['eigvec'].astype(np.float32))
 
@@ -307,6 +367,25 @@ def subtract_mean(image: tf.Tensor, mean: tf.Tensor,
   return image - tf.slice(mean, tf.concat([offsets, [0]], 0), [shape[0], shape[1], -1])
 
 
+def multiply_per_channel(image: tf.Tensor, values: tf.Tensor) -> tf.Tensor:
+  """image (H, W, C) * values (C,), row-wise as `add_per_channel`."""
+  shape = tf.shape(image)
+  rows = tf.reshape(image, [shape[0], shape[1] * shape[2]])
+  return tf.reshape(rows * tf.tile(values, [shape[1]]), shape)
+
+
+def to_network(image: tf.Tensor, *, std=None, channel_order: str = 'rgb') -> tf.Tensor:
+  """A mean-subtracted RGB image (H, W, 3) as the network takes it.
+
+  Channels in `channel_order`, then divided by `std` (in that order, 0-255
+  units). RGB with std None or all ones adds no op: the paper's input.
+  """
+  x = common.to_channel_order(image, channel_order)
+  if std is not None and np.any(np.asarray(std, np.float32) != 1.0):
+    x = multiply_per_channel(x, tf.constant(1.0 / np.asarray(std, np.float32)))
+  return x
+
+
 def pca_alphas(seed: tf.Tensor, std: float) -> tf.Tensor:
   """The paper's alpha_i ~ N(0, std), one draw per image and presentation."""
   return std * tf.random.stateless_normal([3], seed)
@@ -325,8 +404,9 @@ def pca_lighting(image: tf.Tensor, seed: tf.Tensor, eigval: tf.Tensor,
 
 def train_image(jpeg: tf.Tensor, seed: tf.Tensor, *, mean: tf.Tensor,
                 eigval: tf.Tensor, eigvec: tf.Tensor, resize: int, size: int,
-                flip: bool, pca_std: float, prescaled: bool = False) -> tf.Tensor:
-  """Random crop, mean subtraction, flip and PCA lighting of one JPEG.
+                flip: bool, pca_std: float, prescaled: bool = False, std=None,
+                channel_order: str = 'rgb') -> tf.Tensor:
+  """Random crop, mean subtraction, flip and PCA lighting of one JPEG, then `to_network`.
 
   prescaled: the JPEG is already the resize x resize square (`random_crop`);
   otherwise any original (`random_crop_resize`).
@@ -342,14 +422,57 @@ def train_image(jpeg: tf.Tensor, seed: tf.Tensor, *, mean: tf.Tensor,
     x = random_flip(x, flip_seed)
   if pca_std:
     x = pca_lighting(x, pca_seed, eigval, eigvec, pca_std)
-  return x
+  return to_network(x, std=std, channel_order=channel_order)
 
 
-def eval_image(image: tf.Tensor, *, mean: tf.Tensor, size: int,
-               crops: str) -> tf.Tensor:
-  """Mean-subtracted centre crop (size, size, 3) or ten crops (10, size, size, 3)."""
-  x = subtract_mean(image, mean)
+def eval_image(image: tf.Tensor, *, mean: tf.Tensor, size: int, crops: str,
+               std=None, channel_order: str = 'rgb') -> tf.Tensor:
+  """The centre crop (size, size, 3) or ten crops (10, size, size, 3) of a square.
+
+  The mean is subtracted first, then `to_network` applied.
+  """
+  x = to_network(subtract_mean(image, mean), std=std, channel_order=channel_order)
   return common.ten_crops(x, size) if crops == 'ten' else common.center_crop(x, size)
+
+
+def eval_input(square: tf.Tensor, config, mean, crops: str) -> tf.Tensor:
+  """A decoded (R, R, 3) square as evaluation feeds it to the network (`eval_image`).
+
+  `mean` is `Stats.mean`; crops is 'center' or 'ten'.
+  """
+  ds_cfg = config.dataset
+  return eval_image(square, mean=tf.convert_to_tensor(mean, tf.float32),
+                    size=ds_cfg.image_size, crops=crops,
+                    std=ds_cfg.std, channel_order=ds_cfg.channel_order)
+
+
+def file_square(data: bytes, config) -> tf.Tensor:
+  """An image file's bytes as the (R, R, 3) float32 square evaluation starts from.
+
+  A JPEG is decoded exactly as `decode_square` decodes an original
+  (`common.center_square_resize`); other formats alike (`common.file_square`).
+  Eager only; raises tf.errors.InvalidArgumentError on bytes that are not an
+  image.
+  """
+  return common.file_square(tf.constant(data), config.dataset.resize_size, channels=3)
+
+
+def pixels(inputs: np.ndarray, config, stats: Stats) -> np.ndarray:
+  """Centre-crop network inputs (..., S, S, 3) back to RGB uint8 pixels.
+
+  The inverse of `eval_input` with crops='center': times std, back to RGB,
+  plus the mean (a mean image's central crop).
+  """
+  ds_cfg = config.dataset
+  x = inputs * np.asarray(ds_cfg.std, np.float32)
+  if ds_cfg.channel_order == 'bgr':
+    x = x[..., ::-1]
+  mean = stats.mean
+  if mean.ndim == 3:
+    size, full = inputs.shape[-2], mean.shape[0]
+    top = (full - size) // 2
+    mean = mean[top:top + size, top:top + size]
+  return np.clip(np.round(x + mean), 0, 255).astype(np.uint8)
 
 
 def fill_unreadable(batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
@@ -452,7 +575,8 @@ def train_batches(examples: tf.data.Dataset, config, stats: Stats, *,
     image = train_image(
         ex['jpeg'], seed, mean=mean, eigval=eigval, eigvec=eigvec,
         resize=ds_cfg.resize_size, size=ds_cfg.image_size,
-        flip=ds_cfg.random_flip, pca_std=ds_cfg.pca_std, prescaled=ds_cfg.prescaled)
+        flip=ds_cfg.random_flip, pca_std=ds_cfg.pca_std, prescaled=ds_cfg.prescaled,
+        std=ds_cfg.std, channel_order=ds_cfg.channel_order)
     return {'image': image, 'label': ex['label']}
 
   def report(count, batch):
@@ -511,9 +635,8 @@ def eval_batches(config, builder, stats: Stats, *, split, local_batch: int,
   mean = tf.constant(stats.mean)
 
   def decode_and_crop(ex):
-    image = eval_image(decode_square(ex['jpeg'], ds_cfg.resize_size, ds_cfg.prescaled),
-                       mean=mean, size=ds_cfg.image_size, crops=crops)
-    return {'image': image, 'label': ex['label']}
+    square = decode_square(ex['jpeg'], ds_cfg.resize_size, ds_cfg.prescaled)
+    return {'image': eval_input(square, config, mean, crops), 'label': ex['label']}
 
   ds = common.map_or_flag(_examples(config, builder, split), decode_and_crop,
                           parallel=ds_cfg.num_parallel_calls)

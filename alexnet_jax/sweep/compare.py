@@ -26,6 +26,7 @@ import flax.traverse_util
 import numpy as np
 
 from alexnet_jax import checkpointing
+from alexnet_jax import config_lib
 
 # provenance.json fields that say when and how a run was started, not what it
 # computes; `previous` holds the records of earlier starts of a resumed run.
@@ -56,20 +57,6 @@ def read_metrics(workdir: str) -> list[dict]:
   return rows
 
 
-def flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  """Nested dicts as {'a.b.c': leaf}; lists and other values are leaves."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  flat = {}
-  for key, value in tree.items():
-    name = f'{prefix}.{key}' if prefix else str(key)
-    if isinstance(value, dict) and value:
-      flat.update(flatten(value, name))
-    else:
-      flat[name] = value
-  return flat
-
-
 def _same(a: Any, b: Any) -> bool:
   """Exact equality; True is not 1, and NaN equals NaN (NaN in both runs is no difference)."""
   if isinstance(a, bool) or isinstance(b, bool):
@@ -85,7 +72,7 @@ def _compare_provenance(dir_a: str, dir_b: str) -> dict:
   out = {'missing': missing, 'differences': [], 'start_differences': []}
   if missing:
     return out
-  flat_a, flat_b = (flatten({k: v for k, v in r.items() if k not in SKIPPED_FIELDS})
+  flat_a, flat_b = (config_lib.flatten({k: v for k, v in r.items() if k not in SKIPPED_FIELDS})
                     for r in records)
   for key in sorted(flat_a.keys() | flat_b.keys()):
     a, b = flat_a.get(key, _ABSENT), flat_b.get(key, _ABSENT)
