@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -120,6 +121,9 @@ def test_local_slots_give_each_run_its_devices():
   assert [s.cpus for s in cpu] == [(0, 1), (2, 3)]
   assert [s.env['OMP_NUM_THREADS'] for s in cpu] == ['2', '2']
   assert '--xla_force_host_platform_device_count=4' in cpu[0].env['XLA_FLAGS']
+  if shutil.which('taskset'):
+    assert cpu[1].wrap(['python']) == ['taskset', '-c', '2,3', 'python']
+  assert runner.local_slots(1, 1, gpus=[], cpus=[0, 1])[0].wrap(['python']) == ['python']
 
 
 def test_local_runner_runs_n_at_once_and_survives_failures(tmp_path, monkeypatch, capsys):

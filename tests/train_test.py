@@ -267,6 +267,7 @@ def test_plateau_divides_lr_by_ten_at_most_max_reductions_times(tiny_config, tmp
   tiny_config.schedule.name = 'plateau'
   tiny_config.schedule.base_lr = 0.01
   tiny_config.schedule.min_delta = 1.0  # no evaluation counts as an improvement
+  tiny_config.schedule.patience = 1
   tiny_config.schedule.max_reductions = 2
   tiny_config.max_train_steps = 40
   tiny_config.eval_every_epochs = 10 * 32 / 60000  # every 10 steps

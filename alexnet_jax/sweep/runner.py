@@ -79,8 +79,8 @@ def is_busy(workdir: str) -> bool:
   return False
 
 
-def start(cmd: list[str], workdir: str, log: str, executor: str, env=None,
-          preexec_fn=None) -> subprocess.Popen:
+def start(cmd: list[str], workdir: str, log: str, executor: str,
+          env=None) -> subprocess.Popen:
   """Starts one run's trainer with its output appended to `log`."""
   os.makedirs(os.path.dirname(log), exist_ok=True)
   write_status(workdir, state='running', returncode=None, log=log, executor=executor,
@@ -88,8 +88,7 @@ def start(cmd: list[str], workdir: str, log: str, executor: str, env=None,
   with open(log, 'a', encoding='utf-8') as out:
     out.write(f'\n=== {_now()} {" ".join(cmd)}\n')
     out.flush()
-    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=hyper.REPO,
-                            env=env, preexec_fn=preexec_fn)  # pylint: disable=subprocess-popen-preexec-fn
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=hyper.REPO, env=env)
 
 
 def finish(workdir: str, returncode: int) -> str:
@@ -134,9 +133,11 @@ class Slot:
   env: dict
   cpus: tuple[int, ...] = ()
 
-  def preexec(self):
-    cpus = self.cpus
-    return (lambda: os.sched_setaffinity(0, cpus)) if cpus else None
+  def wrap(self, cmd: list[str]) -> list[str]:
+    """`cmd` pinned to this slot's cores (`taskset`), if it has its own."""
+    if not self.cpus or shutil.which('taskset') is None:
+      return cmd
+    return ['taskset', '-c', ','.join(map(str, self.cpus)), *cmd]
 
 
 def local_slots(parallel: int, devices_per_run: int, share_gpus: bool = False,
@@ -193,8 +194,8 @@ def run_local(sweep: hyper.Sweep, runs: list[hyper.Run], slots: list[Slot],
       while pending and free:
         run, slot = pending.pop(0), free.pop(0)
         log = log_path(sweep, run)
-        proc = start(command(sweep, run, extra_flags), run.workdir, log, 'local',
-                     env=slots[slot].env, preexec_fn=slots[slot].preexec())
+        proc = start(slots[slot].wrap(command(sweep, run, extra_flags)), run.workdir, log,
+                     'local', env=slots[slot].env)
         running[run.name] = (run, proc, slot, time.time())
         started += 1
         print(f'[{started}/{total}] started {run.name} (log: {log})', flush=True)
