@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
   # plateau: a cut after `patience` evaluations without a new best top-1 error
   # (lower than the best by more than `min_delta`). The paper's cuts were a
   # manual judgement; the seed spread of the ablation study (docs/ablations.md)
-  # puts the noise of one evaluation at high lr at about 0.5 points: one
+  # puts the noise of one evaluation at high lr at about 0.4 points: one
   # evaluation decides nothing, and a positive threshold only adds cuts.
   c.schedule.patience = 4
   c.schedule.min_delta = 0.0
