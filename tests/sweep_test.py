@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from alexnet_jax import checkpointing
 from alexnet_jax import provenance
 from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.sweep import hyper
@@ -221,7 +222,7 @@ def test_slurm_path_against_a_fake_sbatch(tmp_path, monkeypatch):
   deadline = time.time() + 120
   states = []
   while time.time() < deadline:
-    states = [(hyper.read_json(os.path.join(r.workdir, runner.STATUS_FILE)) or {}).get('state')
+    states = [(checkpointing.read_json(os.path.join(r.workdir, runner.STATUS_FILE)) or {}).get('state')
               for r in sweep.runs]
     if states == ['done', 'done']:
       break

@@ -12,7 +12,6 @@ configuration; `compare` says where two runs differ (provenance, the first
 logged step whose metrics differ, each parameter tensor).
 """
 
-import json
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
@@ -21,6 +20,7 @@ from absl import app  # pylint: disable=g-import-not-at-top
 from absl import flags
 from absl import logging
 
+from alexnet_jax import checkpointing
 from alexnet_jax import cli
 from alexnet_jax.sweep import compare as compare_lib
 from alexnet_jax.sweep import hyper
@@ -79,14 +79,12 @@ def run_command(sweep_file: str) -> int:
     return 0
   os.makedirs(sweep.root, exist_ok=True)
   manifest = os.path.join(sweep.root, 'sweep.json')
-  old = hyper.read_json(manifest)
+  old = checkpointing.read_json(manifest)
   if old and old.get('sweep_file') != sweep.file:
     raise ValueError(f'{sweep.root} holds the study of {old.get("sweep_file")}: pass another '
                      '--root for this sweep file')
   # The manifest first: `report` finds every run, even those never started.
-  with open(manifest + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(sweep.manifest(), f, indent=1)
-  os.replace(manifest + '.tmp', manifest)
+  checkpointing.write_json(manifest, sweep.manifest())
   todo = [r for r in sweep.runs if states[r.name] != 'done' and r.name not in busy]
   done = sum(s == 'done' for s in states.values())
   print(f'{len(sweep.runs)} runs: {done} done, {len(busy)} running elsewhere (skipped), '

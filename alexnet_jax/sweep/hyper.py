@@ -28,6 +28,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
+from alexnet_jax import checkpointing
 from alexnet_jax import config_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -80,15 +81,6 @@ def _merge(dicts: Sequence[dict]) -> dict:
   return out
 
 
-def read_json(path: str) -> Any:
-  """The JSON in `path`, or None if it is missing or cut short."""
-  try:
-    with open(path, encoding='utf-8') as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _plain(value: Any) -> Any:
   """The JSON form of an override value (tuples become lists)."""
   return json.loads(json.dumps(value))
@@ -135,7 +127,7 @@ class Run:
 
   def state(self) -> str:
     """'done' (results of a finished run), 'partial' (started) or 'new'."""
-    results = read_json(os.path.join(self.workdir, 'results.json'))
+    results = checkpointing.read_json(os.path.join(self.workdir, 'results.json'))
     if results and 'stopped_by' not in results:
       return 'done'
     if os.path.isdir(os.path.join(self.workdir, 'checkpoints')) or os.path.exists(

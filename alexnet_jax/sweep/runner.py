@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import os
 import shutil
 import signal
@@ -35,6 +34,7 @@ import time
 
 import submitit
 
+from alexnet_jax import checkpointing
 from alexnet_jax import workdir as workdir_lib
 from alexnet_jax.sweep import hyper
 
@@ -50,11 +50,9 @@ def _now() -> str:
 def write_status(workdir: str, **fields) -> None:
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, STATUS_FILE)
-  status = hyper.read_json(path) or {}
+  status = checkpointing.read_json(path) or {}
   status.update(fields)
-  with open(path + '.tmp', 'w', encoding='utf-8') as f:
-    json.dump(status, f, indent=1)
-  os.replace(path + '.tmp', path)
+  checkpointing.write_json(path, status)
 
 
 def log_path(sweep: hyper.Sweep, run: hyper.Run) -> str:
@@ -93,7 +91,7 @@ def start(cmd: list[str], workdir: str, log: str, executor: str,
 
 def finish(workdir: str, returncode: int) -> str:
   """Records how a run's process ended: 'done', 'stopped' (by a signal, resumable) or 'failed'."""
-  results = hyper.read_json(os.path.join(workdir, 'results.json')) or {}
+  results = checkpointing.read_json(os.path.join(workdir, 'results.json')) or {}
   if returncode != 0:
     state = 'failed'
   else:
@@ -103,7 +101,7 @@ def finish(workdir: str, returncode: int) -> str:
 
 
 def results_line(run: hyper.Run) -> str:
-  results = hyper.read_json(os.path.join(run.workdir, 'results.json')) or {}
+  results = checkpointing.read_json(os.path.join(run.workdir, 'results.json')) or {}
   if 'eval_top1_error' not in results:
     return ''
   return (f': top-1 error {100 * results["eval_top1_error"]:.2f}%, top-5 '
